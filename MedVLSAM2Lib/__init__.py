@@ -1,0 +1,1 @@
+"""MedVL-SAM2 library."""

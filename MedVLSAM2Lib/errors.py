@@ -1,0 +1,40 @@
+"""Typed errors shared by the library, the CLI, the server and the Slicer module.
+
+Only the CLI, the server and the Slicer Widget turn these into exit codes, status codes or
+dialogs; library code raises them with a sentence the user can act on.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MedVLSAM2Error",
+    "InputError",
+    "WeightsError",
+    "CapacityError",
+    "ProtocolError",
+    "SessionExpiredError",
+]
+
+
+class MedVLSAM2Error(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class InputError(MedVLSAM2Error, ValueError):
+    """Bad user input: a missing or unreadable file, a wrong shape, a prompt outside the volume."""
+
+
+class WeightsError(MedVLSAM2Error):
+    """A checkpoint is missing, has missing/unexpected keys or wrong shapes."""
+
+
+class CapacityError(MedVLSAM2Error):
+    """Not enough memory, or a server at its session limit; retry later or use a smaller preset."""
+
+
+class ProtocolError(MedVLSAM2Error):
+    """A malformed request or response on the server/client wire format."""
+
+
+class SessionExpiredError(MedVLSAM2Error):
+    """A server session no longer exists (expired or deleted); upload the volume again."""

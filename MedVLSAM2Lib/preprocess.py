@@ -1,0 +1,243 @@
+"""Volume → model grid (32×256×256 by default) and back.
+
+The forward transform, in order (each step recorded in a JSON-serialisable :class:`GridRecord`):
+
+1. **Canonical orientation** — transposes/flips only (no resampling) so that the array axes
+   ``(k, j, i)`` point ``(S, P, L)``: axial slices, anterior at the top, patient right on the left
+   (the radiological display, and DICOM's own order). Whatever the file's axis order or flips, the
+   same anatomy gives the same model tensor.
+2. **Per-volume min-max** to ``[0, 1]`` (M3D-CLIP's training normalisation; no HU window) — or,
+   with ``intensity="window"``, clipping to an HU window first.
+3. **Foreground crop** — the bounding box of voxels above the volume minimum (MONAI's
+   ``CropForeground`` with its default ``x > 0`` on the min-max image, as in M3D's data preparation).
+4. **Resize** to ``spatial_size``: image trilinear, masks nearest, both with ``align_corners=False``
+   voxel-centre geometry (what MONAI's ``Resize`` does through ``torch.nn.functional.interpolate``;
+   a test checks equality with MONAI).
+
+Coordinates map as ``x_model = (x_crop + 0.5) · n_model / n_crop − 0.5`` per axis, which is exactly
+invertible; masks are inverted with nearest-exact sampling and zero padding outside the crop. Model
+coordinates are given in the order ``(w, h, d)`` = canonical ``(i, j, k)``, like every other IJK
+point in this library; the model tensor itself is indexed ``[d, h, w]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .prompts import BoxPrompt, PointPrompt
+from .volume import Volume, orientation_transform, reorient_points
+
+__all__ = ["GridConfig", "GridRecord", "to_model", "mask_to_model", "mask_from_model", "probabilities_from_model"]
+
+logger = logging.getLogger(__name__)
+
+CANONICAL_AXCODES = "LPS"
+
+
+@dataclass
+class GridConfig:
+    """How a volume is mapped to the model grid.
+
+    Attributes:
+        spatial_size: model grid ``(D, H, W)``; defaults to M3D-CLIP's ``(32, 256, 256)``.
+        crop_foreground: crop to voxels above the volume minimum before resizing (M3D recipe).
+        intensity: ``"minmax"`` (per-volume min-max to [0, 1], M3D-CLIP) or ``"window"`` (clip to
+            ``window`` in HU, then scale to [0, 1]).
+        window: ``(low, high)`` HU bounds, used only with ``intensity="window"``.
+    """
+
+    spatial_size: tuple[int, int, int] = (32, 256, 256)
+    crop_foreground: bool = True
+    intensity: str = "minmax"
+    window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        self.spatial_size = tuple(int(s) for s in self.spatial_size)
+        if len(self.spatial_size) != 3 or min(self.spatial_size) < 1:
+            raise InputError(f"spatial_size must be three positive ints (D, H, W), got {self.spatial_size}.")
+        if self.intensity not in ("minmax", "window"):
+            raise InputError(f"intensity must be 'minmax' or 'window', got {self.intensity!r}.")
+        if self.intensity == "window":
+            if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
+                raise InputError(f"intensity='window' needs window=(low, high) with low < high, got {self.window}.")
+            self.window = (float(self.window[0]), float(self.window[1]))
+
+
+@dataclass
+class GridRecord:
+    """What :func:`to_model` did to one volume; enough to map masks and points both ways.
+
+    All fields are plain lists/numbers so the record round-trips through JSON.
+    """
+
+    original_shape: tuple[int, int, int]  # KJI shape of the source volume
+    ijk_to_ras: list[list[float]]  # the source volume's affine
+    orientation: list[list[float]]  # nibabel orientation transform source -> canonical, (3, 2)
+    canonical_shape: tuple[int, int, int]  # KJI shape after reorientation
+    crop_start: tuple[int, int, int]  # KJI, inclusive, in the canonical array
+    crop_stop: tuple[int, int, int]  # KJI, exclusive
+    spatial_size: tuple[int, int, int]  # (D, H, W)
+    intensity_range: tuple[float, float]  # values that became 0 and 1
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GridRecord:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"GridRecord: unknown keys {sorted(unknown)}.")
+        tuples = ("original_shape", "canonical_shape", "crop_start", "crop_stop", "spatial_size", "intensity_range")
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.crop_start, self.crop_stop))
+
+    # ---- point geometry (all points in (i, j, k) order)
+
+    def _scale_ijk(self) -> np.ndarray:
+        return np.asarray(self.spatial_size[::-1], float) / np.asarray(self.crop_shape[::-1], float)
+
+    def points_to_model(self, points_ijk: np.ndarray) -> np.ndarray:
+        """Map ``(N, 3)`` source-voxel coordinates ``(i, j, k)`` to model coordinates ``(w, h, d)``."""
+        canonical = self._orient_points(np.atleast_2d(np.asarray(points_ijk, float)), forward=True)
+        crop = canonical - np.asarray(self.crop_start[::-1], float)
+        return (crop + 0.5) * self._scale_ijk() - 0.5
+
+    def points_from_model(self, points_model: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`points_to_model`: ``(N, 3)`` model ``(w, h, d)`` → source ``(i, j, k)``."""
+        crop = (np.atleast_2d(np.asarray(points_model, float)) + 0.5) / self._scale_ijk() - 0.5
+        return self._orient_points(crop + np.asarray(self.crop_start[::-1], float), forward=False)
+
+    def _orient_points(self, points: np.ndarray, forward: bool) -> np.ndarray:
+        return reorient_points(points, np.asarray(self.orientation), self.original_shape[::-1], inverse=not forward)
+
+    def prompts_to_model(
+        self, points: tuple[PointPrompt, ...] = (), boxes: tuple[BoxPrompt, ...] = ()
+    ) -> tuple[list[PointPrompt], list[BoxPrompt]]:
+        """Map point and box prompts from the source grid to model coordinates ``(w, h, d)``."""
+        model_points = [PointPrompt(tuple(self.points_to_model(p.ijk)[0]), p.label) for p in points]
+        model_boxes = []
+        for box in boxes:
+            corners = self.points_to_model(np.stack([box.min_ijk, box.max_ijk]))
+            model_boxes.append(BoxPrompt(tuple(corners.min(0)), tuple(corners.max(0))))
+        return model_points, model_boxes
+
+
+def _canonical(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel.orientations as nio
+
+    ornt = orientation_transform(ijk_to_ras, CANONICAL_AXCODES)
+    canonical = nio.apply_orientation(array_kji.transpose(2, 1, 0), ornt).transpose(2, 1, 0)
+    return np.ascontiguousarray(canonical), ornt
+
+
+def _resize(array: np.ndarray, size: tuple[int, int, int], mode: str) -> np.ndarray:
+    """Resize a ``(D, H, W)`` array with voxel-centre geometry (``align_corners=False``)."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    if tuple(array.shape) == tuple(size):
+        return tensor[0, 0].numpy()
+    kwargs = {"align_corners": False} if mode == "trilinear" else {}
+    with torch.no_grad():
+        return F.interpolate(tensor, size=size, mode=mode, **kwargs)[0, 0].numpy()
+
+
+def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarray, GridRecord]:
+    """Map a CT volume to the model grid.
+
+    Args:
+        volume: the source volume; intensities as read (HU for CT). CT-RATE v2 ``*_fixed`` volumes
+            are already HU and must not be rescaled with the metadata slope/intercept again.
+        config: grid settings; M3D-CLIP's defaults when omitted.
+
+    Returns:
+        ``(image, record)``: image ``(D, H, W)`` float32 in ``[0, 1]``; the record to map masks and
+        prompts with.
+
+    Raises:
+        InputError: the volume is constant (nothing to normalise or crop to).
+    """
+    config = config or GridConfig()
+    where = volume.metadata.get("source_path", "volume")
+    canonical, ornt = _canonical(volume.array, volume.ijk_to_ras)
+    values = canonical.astype(np.float32)
+    low, high = float(values.min()), float(values.max())
+    if not high > low:
+        raise InputError(f"{where}: the volume is constant ({low}); there is no image content to segment.")
+    if config.crop_foreground:
+        foreground = np.nonzero(values > low)
+        start = tuple(int(a.min()) for a in foreground)
+        stop = tuple(int(a.max()) + 1 for a in foreground)
+    else:
+        start, stop = (0, 0, 0), tuple(canonical.shape)
+    if config.intensity == "window":
+        low, high = config.window
+    crop = values[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
+    image = np.clip((crop - low) / (high - low), 0.0, 1.0) if config.intensity == "window" else (crop - low) / (high - low)
+    image = _resize(image, config.spatial_size, "trilinear")
+    record = GridRecord(
+        original_shape=tuple(volume.array.shape),
+        ijk_to_ras=volume.ijk_to_ras.tolist(),
+        orientation=ornt.tolist(),
+        canonical_shape=tuple(canonical.shape),
+        crop_start=start,
+        crop_stop=stop,
+        spatial_size=config.spatial_size,
+        intensity_range=(low, high),
+        config=asdict(config),
+    )
+    logger.debug("model grid: crop %s..%s of canonical %s", start, stop, canonical.shape)
+    return image.astype(np.float32, copy=False), record
+
+
+def _check_shape(array: np.ndarray, expected: tuple[int, ...], what: str) -> None:
+    if tuple(array.shape) != tuple(expected):
+        raise InputError(f"{what}: expected shape {tuple(expected)}, got {tuple(array.shape)}.")
+
+
+def mask_to_model(mask: np.ndarray, record: GridRecord) -> np.ndarray:
+    """Map a mask or label map on the source grid (KJI) to the model grid (nearest), dtype kept."""
+    _check_shape(mask, record.original_shape, "mask_to_model")
+    canonical, _ = _canonical(mask, np.asarray(record.ijk_to_ras))
+    (k0, j0, i0), (k1, j1, i1) = record.crop_start, record.crop_stop
+    resized = _resize(canonical[k0:k1, j0:j1, i0:i1], record.spatial_size, "nearest-exact")
+    return resized.astype(mask.dtype)
+
+
+def _to_source_grid(array_crop: np.ndarray, record: GridRecord, fill: float = 0) -> np.ndarray:
+    import nibabel.orientations as nio
+
+    canonical = np.full(record.canonical_shape, fill, dtype=array_crop.dtype)
+    (k0, j0, i0), (k1, j1, i1) = record.crop_start, record.crop_stop
+    canonical[k0:k1, j0:j1, i0:i1] = array_crop
+    inverse = nio.ornt_transform(nio.axcodes2ornt(tuple(CANONICAL_AXCODES)), nio.io_orientation(np.asarray(record.ijk_to_ras)))
+    source = nio.apply_orientation(canonical.transpose(2, 1, 0), inverse).transpose(2, 1, 0)
+    return np.ascontiguousarray(source)
+
+
+def mask_from_model(mask_model: np.ndarray, record: GridRecord) -> np.ndarray:
+    """Map a mask or label map on the model grid ``(D, H, W)`` back to the source grid (KJI), nearest.
+
+    Exact inverse of :func:`mask_to_model` wherever the model grid is at least as fine as the crop.
+    """
+    _check_shape(mask_model, record.spatial_size, "mask_from_model")
+    crop = _resize(mask_model, record.crop_shape, "nearest-exact").astype(mask_model.dtype)
+    return _to_source_grid(crop, record)
+
+
+def probabilities_from_model(prob_model: np.ndarray, record: GridRecord) -> np.ndarray:
+    """Map soft predictions ``(D, H, W)`` in [0, 1] back to the source grid (trilinear), float32, 0 outside the crop."""
+    _check_shape(prob_model, record.spatial_size, "probabilities_from_model")
+    crop = _resize(prob_model.astype(np.float32), record.crop_shape, "trilinear")
+    return _to_source_grid(crop, record)

@@ -1,0 +1,139 @@
+"""The paper's instruction templates (stored as data in ``resources/templates.json``) and the M3D term dictionary.
+
+Templates follow M3D's ``Seg_templates``/``Caption_templates``: ``{}`` is the slot for a class name
+(semantic segmentation) or a term-dictionary description (referring segmentation); every
+segmentation answer contains ``[SEG]``. The term dictionary maps a category name to short anatomical
+descriptions (``../shared/data/m3d/term_dictionary.json`` is the real file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["SEG_TOKEN", "Templates", "load_templates", "TermDictionary", "segmentation_prompt", "report_prompt"]
+
+SEG_TOKEN = "[SEG]"
+TEMPLATE_KINDS = (
+    "report_questions",
+    "semantic_questions",
+    "semantic_answers",
+    "semantic_no_answers",
+    "referring_questions",
+    "referring_answers",
+    "referring_no_answers",
+)
+
+
+@dataclass(frozen=True)
+class Templates:
+    """Template lists by kind (see ``TEMPLATE_KINDS``)."""
+
+    report_questions: tuple[str, ...]
+    semantic_questions: tuple[str, ...]
+    semantic_answers: tuple[str, ...]
+    semantic_no_answers: tuple[str, ...]
+    referring_questions: tuple[str, ...]
+    referring_answers: tuple[str, ...]
+    referring_no_answers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for kind in ("semantic_answers", "referring_answers"):
+            missing = [t for t in getattr(self, kind) if SEG_TOKEN not in t]
+            if missing:
+                raise InputError(f"templates: every {kind} entry must contain {SEG_TOKEN}; these do not: {missing}.")
+        for kind in TEMPLATE_KINDS:
+            if kind not in ("report_questions", "semantic_answers"):
+                missing = [t for t in getattr(self, kind) if "{}" not in t]
+                if missing:
+                    raise InputError(f"templates: every {kind} entry needs a '{{}}' slot; these lack one: {missing}.")
+
+
+@cache
+def load_templates() -> Templates:
+    """The packaged templates (read once)."""
+    text = resources.files("MedVLSAM2Lib").joinpath("resources/templates.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    return Templates(**{kind: tuple(data[kind]) for kind in TEMPLATE_KINDS})
+
+
+class TermDictionary:
+    """Category name → list of anatomical descriptions (M3D ``term_dictionary.json`` format)."""
+
+    def __init__(self, terms: dict[str, list[str]]) -> None:
+        for name, descriptions in terms.items():
+            if not isinstance(descriptions, list) or not descriptions or not all(isinstance(d, str) for d in descriptions):
+                raise InputError(f"term dictionary: {name!r} must map to a non-empty list of strings.")
+        self._terms = {name.lower(): list(descriptions) for name, descriptions in terms.items()}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TermDictionary:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise InputError(f"{path}: no such term dictionary file.") from err
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err}).") from err
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a JSON object of category -> [descriptions].")
+        return cls(data)
+
+    def __len__(self) -> int:
+        return len(self._terms)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._terms
+
+    def categories(self) -> list[str]:
+        return list(self._terms)
+
+    def descriptions(self, name: str) -> list[str]:
+        if name.lower() not in self._terms:
+            raise InputError(f"term dictionary has no category {name!r}.")
+        return list(self._terms[name.lower()])
+
+    def sample(self, name: str, rng: np.random.Generator) -> str:
+        """One random description of ``name``."""
+        descriptions = self.descriptions(name)
+        return descriptions[int(rng.integers(len(descriptions)))]
+
+
+def _pick(options: tuple[str, ...], rng: np.random.Generator) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def segmentation_prompt(
+    category: str,
+    rng: np.random.Generator,
+    *,
+    terms: TermDictionary | None = None,
+    present: bool = True,
+) -> tuple[str, str]:
+    """A (question, answer) pair for semantic segmentation, or referring when ``terms`` is given.
+
+    Referring questions replace the class name with a random description; the answer then names the
+    class. Absent targets (``present=False``) get a "no" answer without ``[SEG]``.
+    """
+    t = load_templates()
+    if terms is None:
+        question = _pick(t.semantic_questions, rng).format(category)
+        answer = _pick(t.semantic_answers, rng) if present else _pick(t.semantic_no_answers, rng).format(category)
+    else:
+        question = _pick(t.referring_questions, rng).format(terms.sample(category, rng))
+        answers = t.referring_answers if present else t.referring_no_answers
+        answer = _pick(answers, rng).format(category)
+    return question, answer
+
+
+def report_prompt(rng: np.random.Generator) -> str:
+    """A random report-generation instruction."""
+    return _pick(load_templates().report_questions, rng)
