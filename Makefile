@@ -7,7 +7,7 @@ STAMP := $(VENV)/.medvlsam2-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-quick lint clean
+.PHONY: install demo test test-quick lint lint-check clean
 
 install: $(STAMP)
 
@@ -24,15 +24,19 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/medvlsam2 demo
 
-test: install
+test: install lint-check
 	$(PY) -m pytest
 
-test-quick: install
+lint-check: install
+	$(VENV)/bin/ruff check MedVLSAM2Lib MedVLSAM2 Testing
+	$(VENV)/bin/ruff format --check MedVLSAM2Lib MedVLSAM2 Testing
+
+test-quick: install lint-check
 	$(PY) -m pytest -m "not slow" -x -q
 
 lint: install
-	$(VENV)/bin/ruff check MedVLSAM2Lib Testing
-	$(VENV)/bin/ruff format --check MedVLSAM2Lib Testing
+	$(VENV)/bin/ruff check --fix MedVLSAM2Lib MedVLSAM2 Testing
+	$(VENV)/bin/ruff format MedVLSAM2Lib MedVLSAM2 Testing
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -28,7 +28,8 @@ class MedVLSAM2(ScriptedLoadableModule):
             "from text, points and boxes. This version provides the library glue; the panels follow."
         )
         self.parent.acknowledgementText = (
-            "Builds on M3D-CLIP, InternVL2.5, SAM2 and 3D Slicer. Test data courtesy of TotalSegmentator, dcmqi and slicerio."
+            "Builds on M3D-CLIP, InternVL2.5, SAM2 and 3D Slicer. "
+            "Test data courtesy of TotalSegmentator, dcmqi and slicerio."
         )
 
 
@@ -59,5 +60,7 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
             transformNode.GetMatrixTransformToWorld(toWorld)
             vtk.vtkMatrix4x4.Multiply4x4(toWorld, ijkToRas, ijkToRas)
         matrix = np.array([[ijkToRas.GetElement(r, c) for c in range(4)] for r in range(4)])
-        logging.info("MedVLSAM2: volume %s, shape %s", volumeNode.GetName(), slicer.util.arrayFromVolume(volumeNode).shape)
+        logging.info(
+            "MedVLSAM2: volume %s, shape %s", volumeNode.GetName(), slicer.util.arrayFromVolume(volumeNode).shape
+        )
         return Volume(slicer.util.arrayFromVolume(volumeNode).copy(), matrix, {"source_path": volumeNode.GetName()})

@@ -64,27 +64,36 @@ def _doctor(_: argparse.Namespace) -> int:
         print(f"{distribution:<14}{_version(module, distribution)}")
     try:
         importlib.import_module("torchvision")
-        print("WARNING     torchvision is installed; a PyPI torchvision that does not match torch breaks transformers")
+        print(
+            "WARNING       torchvision is installed; a PyPI torchvision that does not match torch breaks transformers"
+        )
     except Exception:
-        print("torchvision absent (expected: the CPU install keeps it out)")
+        print("torchvision   absent (expected: the CPU install keeps it out)")
     failures = 0
     try:
         import torch
 
         cuda = torch.cuda.is_available()
         devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-        print(f"device      cuda: {cuda} {devices}; mps: {torch.backends.mps.is_available()}; threads: {torch.get_num_threads()}")
+        print(
+            f"device        cuda: {cuda} {devices}; mps: {torch.backends.mps.is_available()}; "
+            f"threads: {torch.get_num_threads()}"
+        )
     except Exception as err:
-        print(f"device      torch unusable: {err}")
+        print(f"device        torch unusable: {err}")
         failures += 1
     for what, module, attribute in DOCTOR_IMPORTS:
         try:
             getattr(importlib.import_module(module), attribute)
-            print(f"import ok   {what} ({module}.{attribute})")
+            print(f"import ok     {what} ({module}.{attribute})")
         except Exception as err:
-            print(f"import FAIL {what} ({module}.{attribute}): {type(err).__name__}: {err}")
+            print(f"import FAIL   {what} ({module}.{attribute}): {type(err).__name__}: {err}")
             failures += 1
-    print("doctor: all checks passed" if not failures else f"doctor: {failures} check(s) failed; reinstall with `make install`")
+    print(
+        "doctor: all checks passed"
+        if not failures
+        else f"doctor: {failures} check(s) failed; reinstall with `make install`"
+    )
     return 0 if not failures else 1
 
 
@@ -93,29 +102,41 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo import run_demo
 
-    result = run_demo(args.output, volume_path=args.volume, segmentation_path=args.segmentation, target=args.target, seed=args.seed)
+    result = run_demo(
+        args.output, volume_path=args.volume, segmentation_path=args.segmentation, target=args.target, seed=args.seed
+    )
     volume, record = result.volume, result.record
     np.set_printoptions(precision=3, suppress=True)
     print(f"volume      {volume.metadata.get('source_path')}")
-    print(f"            {volume.array.shape[2]}x{volume.array.shape[1]}x{volume.array.shape[0]} voxels (I x J x K), "
-          f"spacing {np.round(volume.spacing, 3).tolist()} mm, axes {''.join(volume.axcodes)}, "
-          f"HU {volume.array.min()}..{volume.array.max()}")
-    print(f"model grid  {record.spatial_size} (D, H, W) from canonical LPS crop {record.crop_start}..{record.crop_stop} (KJI), "
-          f"min-max {record.intensity_range[0]:.0f}..{record.intensity_range[1]:.0f} -> [0, 1]")
+    print(
+        f"            {volume.array.shape[2]}x{volume.array.shape[1]}x{volume.array.shape[0]} voxels (I x J x K), "
+        f"spacing {np.round(volume.spacing, 3).tolist()} mm, axes {''.join(volume.axcodes)}, "
+        f"HU {volume.array.min()}..{volume.array.max()}"
+    )
+    print(
+        f"model grid  {record.spatial_size} (D, H, W) from the canonical (LPS) crop "
+        f"{record.crop_start}..{record.crop_stop} (KJI), "
+        f"min-max {record.intensity_range[0]:.0f}..{record.intensity_range[1]:.0f} -> [0, 1]"
+    )
     print("round trip  volume -> model grid -> volume, Dice per segment:")
     for name, score in result.dice_per_segment.items():
         print(f"            {name:<28} {score:.4f}")
     print(f"prompts     target '{result.target}' (seed {args.seed})")
-    for point, model in zip(result.points, result.points_model):
+    for point, model in zip(result.points, result.points_model, strict=True):
         print(f"            point ijk {np.round(point.ijk, 1).tolist()} -> model whd {np.round(model.ijk, 1).tolist()}")
-    print(f"            box ijk {np.round(result.box.min_ijk, 1).tolist()}..{np.round(result.box.max_ijk, 1).tolist()} -> "
-          f"model whd {np.round(result.box_model.min_ijk, 1).tolist()}..{np.round(result.box_model.max_ijk, 1).tolist()}")
+    print(
+        f"            box ijk {np.round(result.box.min_ijk, 1).tolist()}..{np.round(result.box.max_ijk, 1).tolist()}"
+        f" -> model whd {np.round(result.box_model.min_ijk, 1).tolist()}.."
+        f"{np.round(result.box_model.max_ijk, 1).tolist()}"
+    )
     print("wrote       " + "\n            ".join(str(p) for p in result.files))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medvlsam2", description="MedVL-SAM2: 3D CT report generation, VQA and segmentation.")
+    parser = argparse.ArgumentParser(
+        prog="medvlsam2", description="MedVL-SAM2: 3D CT report generation, VQA and segmentation."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the embedded-default demo on a real chest CT shipped with slicerio")
@@ -133,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medvlsam2`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "demo" and bool(args.volume) != bool(args.segmentation):
         print("medvlsam2 demo: give --volume and --segmentation together", file=sys.stderr)
         return 2

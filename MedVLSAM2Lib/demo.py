@@ -83,7 +83,9 @@ def _publish(tmp: Path, output: Path) -> None:
         os.replace(tmp, output)
 
 
-def _slice_rgb(display: Volume, masks: list[tuple[np.ndarray, tuple[float, float, float] | None]], k: int) -> np.ndarray:
+def _slice_rgb(
+    display: Volume, masks: list[tuple[np.ndarray, tuple[float, float, float] | None]], k: int
+) -> np.ndarray:
     low, high = DISPLAY_WINDOW_HU
     gray = np.clip((display.array[k].astype(np.float32) - low) / (high - low), 0, 1) * 255
     rgb = np.repeat(gray[..., None], 3, axis=2)
@@ -92,7 +94,9 @@ def _slice_rgb(display: Volume, masks: list[tuple[np.ndarray, tuple[float, float
     return rgb
 
 
-def _overlay_png(volume: Volume, segmentation: Segmentation, points: list[PointPrompt], box: BoxPrompt, path: Path) -> None:
+def _overlay_png(
+    volume: Volume, segmentation: Segmentation, points: list[PointPrompt], box: BoxPrompt, path: Path
+) -> None:
     """Two axial slices in radiological display (patient right on the left), 4x enlarged: the points'
     slice with the points (green) and the box's slice with the box (yellow), masks tinted in segment colours."""
     from PIL import Image, ImageDraw
@@ -169,7 +173,9 @@ def run_demo(
     tmp = _prepare_output(output)
     try:
         slug = target.replace(" ", "_")
-        write_volume(volume.with_array(round_trip_segmentation.mask(target).astype(np.uint8)), tmp / f"mask_{slug}.nii.gz")
+        write_volume(
+            volume.with_array(round_trip_segmentation.mask(target).astype(np.uint8)), tmp / f"mask_{slug}.nii.gz"
+        )
         write_segmentation(round_trip_segmentation, tmp / "segmentation_roundtrip.seg.nrrd")
         _overlay_png(volume, round_trip_segmentation, points, box, tmp / "overlay_axial.png")
         names = sorted(p.name for p in tmp.iterdir())

@@ -10,8 +10,9 @@ The forward transform, in order (each step recorded in a JSON-serialisable :clas
    with ``intensity="window"``, clipping to an HU window first.
 3. **Foreground crop** — the bounding box of voxels above the volume minimum (MONAI's
    ``CropForeground`` with its default ``x > 0`` on the min-max image, as in M3D's data preparation).
-4. **Resize** to ``spatial_size``: image trilinear, masks nearest, both with ``align_corners=False``
-   voxel-centre geometry (what MONAI's ``Resize`` does through ``torch.nn.functional.interpolate``;
+4. **Resize** to ``spatial_size``: image trilinear, masks nearest (or area-averaged occupancy with
+   ``soft=True``), all with ``align_corners=False`` voxel-centre geometry (what MONAI's ``Resize``
+   does through ``torch.nn.functional.interpolate``;
    a test checks equality with MONAI).
 
 Coordinates map as ``x_model = (x_crop + 0.5) · n_model / n_crop − 0.5`` per axis, which is exactly
@@ -99,7 +100,7 @@ class GridRecord:
 
     @property
     def crop_shape(self) -> tuple[int, int, int]:
-        return tuple(b - a for a, b in zip(self.crop_start, self.crop_stop))
+        return tuple(b - a for a, b in zip(self.crop_start, self.crop_stop, strict=True))
 
     # ---- point geometry (all points in (i, j, k) order)
 
@@ -184,7 +185,9 @@ def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarr
     if config.intensity == "window":
         low, high = config.window
     crop = values[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
-    image = np.clip((crop - low) / (high - low), 0.0, 1.0) if config.intensity == "window" else (crop - low) / (high - low)
+    image = (
+        np.clip((crop - low) / (high - low), 0.0, 1.0) if config.intensity == "window" else (crop - low) / (high - low)
+    )
     image = _resize(image, config.spatial_size, "trilinear")
     record = GridRecord(
         original_shape=tuple(volume.array.shape),
@@ -195,7 +198,7 @@ def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarr
         crop_stop=stop,
         spatial_size=config.spatial_size,
         intensity_range=(low, high),
-        config=asdict(config),
+        config=json.loads(json.dumps(asdict(config))),
     )
     logger.debug("model grid: crop %s..%s of canonical %s", start, stop, canonical.shape)
     return image.astype(np.float32, copy=False), record
@@ -206,13 +209,24 @@ def _check_shape(array: np.ndarray, expected: tuple[int, ...], what: str) -> Non
         raise InputError(f"{what}: expected shape {tuple(expected)}, got {tuple(array.shape)}.")
 
 
-def mask_to_model(mask: np.ndarray, record: GridRecord) -> np.ndarray:
-    """Map a mask or label map on the source grid (KJI) to the model grid (nearest), dtype kept."""
+def mask_to_model(mask: np.ndarray, record: GridRecord, *, soft: bool = False) -> np.ndarray:
+    """Map a mask or label map on the source grid (KJI) to the model grid ``(D, H, W)``.
+
+    Args:
+        mask: ``(K, J, I)`` mask or label map on the source grid.
+        record: the record of the volume's :func:`to_model`.
+        soft: ``False`` (default, M3D's recipe): nearest sampling, dtype kept — binary training targets.
+            ``True``: the fraction of each model voxel the (binary) mask covers, float32 in [0, 1]
+            (area averaging); :func:`probabilities_from_model` then thresholds back with far less loss
+            where the model grid is coarser than the volume.
+    """
     _check_shape(mask, record.original_shape, "mask_to_model")
     canonical, _ = _canonical(mask, np.asarray(record.ijk_to_ras))
     (k0, j0, i0), (k1, j1, i1) = record.crop_start, record.crop_stop
-    resized = _resize(canonical[k0:k1, j0:j1, i0:i1], record.spatial_size, "nearest-exact")
-    return resized.astype(mask.dtype)
+    crop = canonical[k0:k1, j0:j1, i0:i1]
+    if soft:
+        return _resize((crop != 0).astype(np.float32), record.spatial_size, "area")
+    return _resize(crop, record.spatial_size, "nearest-exact").astype(mask.dtype)
 
 
 def _to_source_grid(array_crop: np.ndarray, record: GridRecord, fill: float = 0) -> np.ndarray:
@@ -221,7 +235,9 @@ def _to_source_grid(array_crop: np.ndarray, record: GridRecord, fill: float = 0)
     canonical = np.full(record.canonical_shape, fill, dtype=array_crop.dtype)
     (k0, j0, i0), (k1, j1, i1) = record.crop_start, record.crop_stop
     canonical[k0:k1, j0:j1, i0:i1] = array_crop
-    inverse = nio.ornt_transform(nio.axcodes2ornt(tuple(CANONICAL_AXCODES)), nio.io_orientation(np.asarray(record.ijk_to_ras)))
+    inverse = nio.ornt_transform(
+        nio.axcodes2ornt(tuple(CANONICAL_AXCODES)), nio.io_orientation(np.asarray(record.ijk_to_ras))
+    )
     source = nio.apply_orientation(canonical.transpose(2, 1, 0), inverse).transpose(2, 1, 0)
     return np.ascontiguousarray(source)
 
@@ -237,7 +253,8 @@ def mask_from_model(mask_model: np.ndarray, record: GridRecord) -> np.ndarray:
 
 
 def probabilities_from_model(prob_model: np.ndarray, record: GridRecord) -> np.ndarray:
-    """Map soft predictions ``(D, H, W)`` in [0, 1] back to the source grid (trilinear), float32, 0 outside the crop."""
+    """Map soft predictions ``(D, H, W)`` in [0, 1] back to the source grid (KJI), trilinear, float32, 0 outside
+    the crop; threshold at 0.5 for a mask."""
     _check_shape(prob_model, record.spatial_size, "probabilities_from_model")
     crop = _resize(prob_model.astype(np.float32), record.crop_shape, "trilinear")
     return _to_source_grid(crop, record)

@@ -53,7 +53,9 @@ class BoxPrompt:
         lo = np.asarray(self.min_ijk, dtype=float).ravel()
         hi = np.asarray(self.max_ijk, dtype=float).ravel()
         if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-            raise InputError(f"A box needs finite min and max corners (i, j, k), got {self.min_ijk!r}, {self.max_ijk!r}.")
+            raise InputError(
+                f"A box needs finite min and max corners (i, j, k), got {self.min_ijk!r}, {self.max_ijk!r}."
+            )
         if np.any(lo > hi):
             raise InputError(f"Box min corner {tuple(lo)} exceeds its max corner {tuple(hi)} on some axis.")
         object.__setattr__(self, "min_ijk", tuple(lo.tolist()))

@@ -70,7 +70,11 @@ class TermDictionary:
 
     def __init__(self, terms: dict[str, list[str]]) -> None:
         for name, descriptions in terms.items():
-            if not isinstance(descriptions, list) or not descriptions or not all(isinstance(d, str) for d in descriptions):
+            if (
+                not isinstance(descriptions, list)
+                or not descriptions
+                or not all(isinstance(d, str) for d in descriptions)
+            ):
                 raise InputError(f"term dictionary: {name!r} must map to a non-empty list of strings.")
         self._terms = {name.lower(): list(descriptions) for name, descriptions in terms.items()}
 

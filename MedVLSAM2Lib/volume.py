@@ -117,7 +117,9 @@ class Volume:
         return Volume(np.ascontiguousarray(array_ijk.transpose(2, 1, 0)), new_affine, dict(self.metadata))
 
 
-def reorient_points(points_ijk: np.ndarray, transform: np.ndarray, shape_ijk: tuple[int, int, int], *, inverse: bool = False) -> np.ndarray:
+def reorient_points(
+    points_ijk: np.ndarray, transform: np.ndarray, shape_ijk: tuple[int, int, int], *, inverse: bool = False
+) -> np.ndarray:
     """Map ``(N, 3)`` voxel coordinates through a nibabel orientation ``transform`` (as used by
     :meth:`Volume.reoriented`), or back with ``inverse=True``; ``shape_ijk`` is the source grid's size."""
     points = np.atleast_2d(np.asarray(points_ijk, dtype=np.float64))
@@ -243,7 +245,9 @@ def _read_with_sitk(path: Path) -> Volume:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
-        raise InputError(f"{path}: cannot read image ({reason}); the file is corrupt or not a supported format.") from err
+        raise InputError(
+            f"{path}: cannot read image ({reason}); the file is corrupt or not a supported format."
+        ) from err
     fmt = "dicom" if _suffix(path) in DICOM_SUFFIXES else _suffix(path).lstrip(".")
     return _sitk_to_volume(image, path, {"source_path": str(path), "format": fmt})
 

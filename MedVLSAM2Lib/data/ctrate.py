@@ -67,7 +67,9 @@ ABNORMALITY_LABELS = (
     "Interlobular septal thickening",
 )
 METADATA_COLUMNS = ("VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing")
-VOLUME_NAME = re.compile(r"^(?P<split>train|valid)_(?P<patient>\d+)_(?P<scan>[a-z]+)_(?P<recon>\d+)(?:\.nii(?:\.gz)?)?$")
+VOLUME_NAME = re.compile(
+    r"^(?P<split>train|valid)_(?P<patient>\d+)_(?P<scan>[a-z]+)_(?P<recon>\d+)(?:\.nii(?:\.gz)?)?$"
+)
 NOT_GIVEN = "Not given."
 
 
@@ -176,7 +178,9 @@ def iter_metadata(path: str | os.PathLike) -> Iterator[ScanMetadata]:
             xy = json.loads(row["XYSpacing"])
             xy_spacing = (float(xy[0]), float(xy[1]))
         except (ValueError, TypeError, IndexError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}, line {line}: XYSpacing must look like '[0.75, 0.75]', got {row['XYSpacing']!r}.") from err
+            raise InputError(
+                f"{path}, line {line}: XYSpacing must look like '[0.75, 0.75]', got {row['XYSpacing']!r}."
+            ) from err
         yield ScanMetadata(
             volume_name=row["VolumeName"].strip(),
             rescale_slope=_float(row["RescaleSlope"], path, line, "RescaleSlope"),

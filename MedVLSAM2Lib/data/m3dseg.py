@@ -134,6 +134,7 @@ class M3DSegDataset:
             channels = parse_mask_shape(mask_path)[0]
             if channels != len(self.categories):
                 raise InputError(
-                    f"{mask_path}: {channels} mask channels but {len(self.categories)} categories in {self.json_path.name}."
+                    f"{mask_path}: {channels} mask channels but {len(self.categories)} categories "
+                    f"in {self.json_path.name}."
                 )
             yield M3DSegCase(image_path.parent.name, image_path, mask_path, self.categories)

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real corpus in ../shared/data (DESIGN.md §5) and offline settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real test corpus; tests that need it skip (saying why) when the folder is absent."""
+    if not (DATA / "README.md").is_file():
+        pytest.skip(f"real test corpus not found at {DATA} (CI provides ../shared/data beside the checkout)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def subject_a(data_dir: Path) -> Path:
+    return data_dir / "totalsegmentator" / "subjectA_abdomen_pelvis_native"
+
+
+@pytest.fixture(scope="session")
+def total_labels(data_dir: Path) -> dict[str, int]:
+    """TotalSegmentator v2 class name -> label id."""
+    import json
+
+    names = json.loads((data_dir / "totalsegmentator" / "labels_total_v2.json").read_text())
+    return {name: int(label) for label, name in names.items()}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

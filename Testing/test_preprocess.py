@@ -1,0 +1,155 @@
+"""Model grid: M3D-CLIP recipe (checked against MONAI), exact inverses, orientation invariance, real label maps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from MedVLSAM2Lib.demo import dice
+from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.preprocess import (
+    GridConfig,
+    GridRecord,
+    mask_from_model,
+    mask_to_model,
+    probabilities_from_model,
+    to_model,
+)
+from MedVLSAM2Lib.prompts import BoxPrompt, PointPrompt
+from MedVLSAM2Lib.volume import Volume, read_volume, write_volume
+
+
+def _toy_volume() -> Volume:
+    rng = np.random.default_rng(0)
+    array = np.full((6, 10, 12), -1024, np.int16)
+    array[1:5, 2:9, 3:11] = rng.integers(-200, 300, (4, 7, 8))
+    affine = np.array([[-0.8, 0, 0, 10], [0, 0, 2.5, -5], [0, 0.8, 0, 3], [0, 0, 0, 1]])  # i->L, j->S, k->A
+    return Volume(array, affine)
+
+
+def test_model_image_equals_monai_crop_foreground_and_resize():
+    from monai.transforms import CropForeground, Resize
+
+    volume = _toy_volume()
+    image, record = to_model(volume, GridConfig(spatial_size=(8, 16, 16)))
+    canonical = volume.reoriented("LPS").array.astype(np.float32)
+    normalised = (canonical - canonical.min()) / (canonical.max() - canonical.min())
+    reference = Resize((8, 16, 16), mode="trilinear")(CropForeground()(normalised[None]))[0]
+    np.testing.assert_allclose(image, np.asarray(reference), atol=1e-6)
+    # the toy's i, j, k point L, S, A: canonical (k, j, i) = (S, P, L) turns the 4x7x8 body into 7x4x8
+    assert record.crop_shape == (7, 4, 8) and canonical.shape == (10, 6, 12)
+
+
+def test_points_round_trip_exactly_and_land_on_the_same_anatomy():
+    volume = _toy_volume()
+    image, record = to_model(volume, GridConfig(spatial_size=(7, 4, 8)))  # the crop's own size: identity scale
+    points = np.array([[3.0, 2.0, 1.0], [10.0, 8.0, 4.0], [5.5, 4.25, 2.0]])
+    model = record.points_to_model(points)
+    np.testing.assert_allclose(record.points_from_model(model), points, atol=1e-12)
+    low, high = record.intensity_range
+    for (i, j, k), (w, h, d) in zip(points[:2].astype(int), np.rint(model[:2]).astype(int), strict=True):
+        assert image[d, h, w] == pytest.approx((volume.array[k, j, i] - low) / (high - low), abs=1e-6)
+
+
+def test_record_round_trips_through_json_and_rejects_unknown_keys():
+    _, record = to_model(_toy_volume(), GridConfig(spatial_size=(8, 16, 16)))
+    again = GridRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record
+    with pytest.raises(InputError, match="unknown keys"):
+        GridRecord.from_dict({**record.to_dict(), "zoom": 2})
+
+
+def test_mask_from_model_exactly_inverts_mask_to_model_when_upsampling():
+    volume = _toy_volume()
+    mask = (volume.array > 0).astype(np.uint8)
+    _, record = to_model(volume, GridConfig(spatial_size=(9, 17, 23)))
+    np.testing.assert_array_equal(mask_from_model(mask_to_model(mask, record), record), mask * (mask > 0))
+
+
+def test_bad_config_and_shapes_are_rejected():
+    with pytest.raises(InputError, match="intensity"):
+        GridConfig(intensity="zscore")
+    with pytest.raises(InputError, match="window"):
+        GridConfig(intensity="window")
+    with pytest.raises(InputError, match="constant"):
+        to_model(Volume(np.zeros((3, 4, 5)), np.eye(4)))
+    _, record = to_model(_toy_volume(), GridConfig(spatial_size=(8, 16, 16)))
+    with pytest.raises(InputError, match=r"mask_from_model: expected shape \(8, 16, 16\)"):
+        mask_from_model(np.zeros((8, 16, 15), np.uint8), record)
+
+
+def test_window_intensity_clips_to_hu_range():
+    image, record = to_model(
+        _toy_volume(), GridConfig(spatial_size=(8, 16, 16), intensity="window", window=(-100, 100))
+    )
+    assert image.min() >= 0 and image.max() <= 1 and record.intensity_range == (-100.0, 100.0)
+
+
+def test_box_prompt_maps_to_a_sorted_model_box():
+    volume = _toy_volume()
+    _, record = to_model(volume, GridConfig(spatial_size=(8, 16, 16)))
+    points, boxes = record.prompts_to_model((PointPrompt((4, 5, 2)),), (BoxPrompt((3, 2, 1), (9, 8, 4)),))
+    box = boxes[0]
+    assert all(lo <= hi for lo, hi in zip(box.min_ijk, box.max_ijk, strict=True))
+    corners = record.points_from_model(np.array([box.min_ijk, box.max_ijk]))
+    np.testing.assert_allclose(np.sort(corners, axis=0), [[3, 2, 1], [9, 8, 4]], atol=1e-9)
+    assert points[0].label == 1
+
+
+@pytest.mark.realdata
+def test_real_label_map_round_trip_keeps_dice_above_095(subject_a, total_labels):
+    ct = read_volume(subject_a / "example_ct_sm.nii.gz")
+    labels = read_volume(subject_a / "example_seg.nii.gz").array
+    _, record = to_model(ct)
+    named = ["liver", "spleen", "kidney_right", "kidney_left", "vertebrae_L1"]
+    checked = []
+    for label in np.unique(labels)[1:]:
+        mask = labels == label
+        if mask.sum() <= 2000:
+            continue
+        back = mask_from_model(mask_to_model(mask.astype(np.uint8), record), record)
+        assert dice(mask, back) >= 0.95, f"label {label}"
+        checked.append(int(label))
+    assert {total_labels[n] for n in named} <= set(checked)
+
+
+@pytest.mark.realdata
+def test_soft_masks_survive_strong_z_downsampling_better_than_nearest(subject_a, total_labels):
+    """112 slices of 3 mm become 32 model slices: soft occupancy + trilinear back beats nearest everywhere."""
+    ct = read_volume(subject_a / "example_ct.nii.gz")
+    labels = read_volume(subject_a / "example_seg_fast_force_split.nii.gz").array
+    _, record = to_model(ct)
+    soft_scores = {}
+    for label in np.unique(labels)[1:]:
+        mask = labels == label
+        if mask.sum() <= 2000:
+            continue
+        nearest = dice(mask, mask_from_model(mask_to_model(mask.astype(np.uint8), record), record))
+        soft = dice(mask, probabilities_from_model(mask_to_model(mask, record, soft=True), record) > 0.5)
+        assert soft > nearest, f"label {label}: soft {soft:.3f} <= nearest {nearest:.3f}"
+        soft_scores[int(label)] = soft
+    for organ in ["liver", "spleen", "kidney_right", "kidney_left"]:
+        assert soft_scores[total_labels[organ]] >= 0.97, organ
+    assert np.median(list(soft_scores.values())) >= 0.97 and min(soft_scores.values()) >= 0.8
+
+
+@pytest.mark.realdata
+def test_same_ct_in_ras_lps_and_flipped_files_gives_the_same_model_tensor(subject_a, tmp_path):
+    ct = read_volume(subject_a / "example_ct_sm.nii.gz")
+    files = {
+        "ras": write_volume(ct, tmp_path / "ras.nii.gz"),
+        "lps": write_volume(ct.reoriented("LPS"), tmp_path / "lps.nrrd"),
+        "flip": write_volume(ct.reoriented("RPS"), tmp_path / "flip.nii.gz"),
+    }
+    world = ct.ijk_to_ras @ [40, 55, 12, 1]  # one anatomical point, given in each file's own IJK
+    tensors, positions = {}, {}
+    for name, path in files.items():
+        volume = read_volume(path)
+        image, record = to_model(volume)
+        tensors[name] = image
+        positions[name] = record.points_to_model(np.linalg.solve(volume.ijk_to_ras, world)[:3])[0]
+    for name in ("lps", "flip"):
+        assert np.abs(tensors[name] - tensors["ras"]).max() < 1e-4
+        np.testing.assert_allclose(positions[name], positions["ras"], atol=1e-6)
