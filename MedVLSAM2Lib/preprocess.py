@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -124,13 +125,25 @@ class GridRecord:
     def prompts_to_model(
         self, points: tuple[PointPrompt, ...] = (), boxes: tuple[BoxPrompt, ...] = ()
     ) -> tuple[list[PointPrompt], list[BoxPrompt]]:
-        """Map point and box prompts from the source grid to model coordinates ``(w, h, d)``."""
-        model_points = [PointPrompt(tuple(self.points_to_model(p.ijk)[0]), p.label) for p in points]
-        model_boxes = []
+        """Map point and box prompts from the source grid (IJK) to model coordinates ``(w, h, d)``."""
+        return self._map_prompts(points, boxes, self.points_to_model)
+
+    def prompts_from_model(
+        self, points: tuple[PointPrompt, ...] = (), boxes: tuple[BoxPrompt, ...] = ()
+    ) -> tuple[list[PointPrompt], list[BoxPrompt]]:
+        """Inverse of :meth:`prompts_to_model`: model ``(w, h, d)`` prompts back to source IJK."""
+        return self._map_prompts(points, boxes, self.points_from_model)
+
+    @staticmethod
+    def _map_prompts(
+        points: tuple[PointPrompt, ...], boxes: tuple[BoxPrompt, ...], mapping: Callable[[np.ndarray], np.ndarray]
+    ) -> tuple[list[PointPrompt], list[BoxPrompt]]:
+        mapped_points = [PointPrompt(tuple(mapping(p.ijk)[0]), p.label) for p in points]
+        mapped_boxes = []
         for box in boxes:
-            corners = self.points_to_model(np.stack([box.min_ijk, box.max_ijk]))
-            model_boxes.append(BoxPrompt(tuple(corners.min(0)), tuple(corners.max(0))))
-        return model_points, model_boxes
+            corners = mapping(np.stack([box.min_ijk, box.max_ijk]))  # flips may swap min and max
+            mapped_boxes.append(BoxPrompt(tuple(corners.min(0)), tuple(corners.max(0))))
+        return mapped_points, mapped_boxes
 
 
 def _canonical(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -291,8 +291,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
             for s in series
         )
         raise InputError(
-            f"{folder}: the folder holds {len(series)} DICOM series; choose one with series_uid= (CLI: --series):\n"
-            + listing
+            f"{folder}: the folder holds {len(series)} DICOM series; choose one with series_uid=:\n" + listing
         )
     chosen = series[0] if series_uid is None else next((s for s in series if s["uid"] == series_uid), None)
     if chosen is None:

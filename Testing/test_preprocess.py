@@ -87,15 +87,16 @@ def test_window_intensity_clips_to_hu_range():
     assert image.min() >= 0 and image.max() <= 1 and record.intensity_range == (-100.0, 100.0)
 
 
-def test_box_prompt_maps_to_a_sorted_model_box():
+def test_prompts_map_to_the_model_grid_and_back():
     volume = _toy_volume()
     _, record = to_model(volume, GridConfig(spatial_size=(8, 16, 16)))
     points, boxes = record.prompts_to_model((PointPrompt((4, 5, 2)),), (BoxPrompt((3, 2, 1), (9, 8, 4)),))
     box = boxes[0]
     assert all(lo <= hi for lo, hi in zip(box.min_ijk, box.max_ijk, strict=True))
-    corners = record.points_from_model(np.array([box.min_ijk, box.max_ijk]))
-    np.testing.assert_allclose(np.sort(corners, axis=0), [[3, 2, 1], [9, 8, 4]], atol=1e-9)
-    assert points[0].label == 1
+    back_points, back_boxes = record.prompts_from_model(points, boxes)
+    np.testing.assert_allclose([back_boxes[0].min_ijk, back_boxes[0].max_ijk], [[3, 2, 1], [9, 8, 4]], atol=1e-9)
+    np.testing.assert_allclose(back_points[0].ijk, (4, 5, 2), atol=1e-9)
+    assert back_points[0].label == 1
 
 
 @pytest.mark.realdata
