@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .prompts import BoxPrompt, PointPrompt
+from .prompts import BoxPrompt, PointPrompt, check_prompts_inside
 from .volume import Volume, orientation_transform, reorient_points
 
 __all__ = ["GridConfig", "GridRecord", "to_model", "mask_to_model", "mask_from_model", "probabilities_from_model"]
@@ -125,7 +125,12 @@ class GridRecord:
     def prompts_to_model(
         self, points: tuple[PointPrompt, ...] = (), boxes: tuple[BoxPrompt, ...] = ()
     ) -> tuple[list[PointPrompt], list[BoxPrompt]]:
-        """Map point and box prompts from the source grid (IJK) to model coordinates ``(w, h, d)``."""
+        """Map point and box prompts from the source grid (IJK) to model coordinates ``(w, h, d)``.
+
+        Raises:
+            InputError: a prompt lies outside the source volume (the message names it).
+        """
+        check_prompts_inside(tuple(self.original_shape[::-1]), points, boxes)
         return self._map_prompts(points, boxes, self.points_to_model)
 
     def prompts_from_model(
@@ -186,6 +191,8 @@ def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarr
     where = volume.metadata.get("source_path", "volume")
     canonical, ornt = _canonical(volume.array, volume.ijk_to_ras)
     values = canonical.astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{where}: the volume holds NaN or infinite values; fix or mask them before segmenting.")
     low, high = float(values.min()), float(values.max())
     if not high > low:
         raise InputError(f"{where}: the volume is constant ({low}); there is no image content to segment.")

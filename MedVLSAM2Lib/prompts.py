@@ -5,7 +5,9 @@ of the volume the prompt belongs to (Slicer converts RAS → IJK before calling 
 
 Synthesis follows the MedVL-SAM2 evaluation protocol: three random positive points inside the target
 on one random slice that contains it; a box from the ground-truth mask on one random slice, each
-edge jittered by up to ±5 % of the box size. Slices are along ``k`` (the first axis of a KJI array).
+edge jittered by up to ±5 % of the box size. Slices are along ``k`` (the first axis of a KJI array):
+give masks on the model grid or on a canonically oriented volume (``Volume.reoriented("LPS")``) so
+that these slices are axial.
 Randomness comes only from the ``numpy.random.Generator`` the caller passes.
 """
 

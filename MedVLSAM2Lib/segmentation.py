@@ -86,6 +86,8 @@ def read_segmentation(path: str | os.PathLike) -> Segmentation:
                 terminology=info.get("terminology"),
             )
         )
+    if not segments:
+        raise InputError(f"{path}: no segments in this file; it is a plain label map, not a Slicer segmentation.")
     return Segmentation(lps_to_ras @ np.asarray(data["ijkToLPS"], float), segments)
 
 

@@ -64,6 +64,10 @@ class Volume:
         where = self.metadata.get("source_path", "volume")
         if self.array.ndim != 3:
             raise InputError(f"{where}: expected a 3D array (K, J, I), got shape {self.array.shape}.")
+        if not (np.issubdtype(self.array.dtype, np.number) or self.array.dtype == np.bool_):
+            raise InputError(
+                f"{where}: voxels must be scalar numbers, got dtype {self.array.dtype} (RGB/vector image?)."
+            )
         if self.ijk_to_ras.shape != (4, 4) or not np.all(np.isfinite(self.ijk_to_ras)):
             raise InputError(f"{where}: ijk_to_ras must be a finite 4x4 matrix, got {self.ijk_to_ras!r}.")
         if abs(np.linalg.det(self.ijk_to_ras[:3, :3])) < 1e-12:
@@ -136,9 +140,11 @@ def orientation_transform(ijk_to_ras: np.ndarray, axcodes: str) -> np.ndarray:
     """nibabel orientation transform (``(3, 2)`` array) taking a grid's axes to ``axcodes``."""
     import nibabel.orientations as nio
 
-    if len(axcodes) != 3 or sorted(set(axcodes.upper()) & set("LRAPSI")) != sorted(set(axcodes.upper())):
+    pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
+    codes = axcodes.upper()
+    if len(codes) != 3 or sorted(sum(c in pair for c in codes) for pair in pairs) != [1, 1, 1]:
         raise InputError(f"axcodes must be three letters from L/R, A/P, S/I such as 'LPS', got {axcodes!r}.")
-    return nio.ornt_transform(nio.io_orientation(ijk_to_ras), nio.axcodes2ornt(tuple(axcodes.upper())))
+    return nio.ornt_transform(nio.io_orientation(ijk_to_ras), nio.axcodes2ornt(tuple(codes)))
 
 
 # ---------------------------------------------------------------- reading
@@ -287,7 +293,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
         raise InputError(f"{folder}: no DICOM series found in this folder (sub-folders are not searched).")
     if series_uid is None and len(series) > 1:
         listing = "\n".join(
-            f"  - {s['uid']}: {s['description'] or '(no description)'}, {s['modality'] or '?'}, {s['files']} files"
+            f"  - {s['uid'] or '(empty UID)'}: {s['description'] or '(no description)'}, "
+            f"{s['modality'] or '?'}, {s['files']} files"
             for s in series
         )
         raise InputError(
@@ -299,10 +306,12 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen["uid"])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()  # applies RescaleSlope/Intercept: the array is in HU for CT
     except RuntimeError as err:
         raise InputError(f"{folder}: cannot read DICOM series {chosen['uid']!r} ({str(err).strip()}).") from err
+    _check_even_slices(reader, files, image, folder)
     metadata = {
         "source_path": str(folder),
         "format": "dicom",
@@ -314,6 +323,27 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     return _sitk_to_volume(image, folder, metadata)
 
 
+def _check_even_slices(reader: Any, files: tuple[str, ...], image: Any, folder: Path) -> None:
+    """Refuse a series whose slices are unevenly spaced (a missing or unreadable file): SimpleITK would only warn
+    and stretch the geometry."""
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    positions = []
+    for n in range(len(files)):
+        if not reader.HasMetaDataKey(n, "0020|0032"):
+            return  # no per-slice positions (e.g. a multi-frame file): nothing to check
+        positions.append(float(np.dot(normal, [float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")])))
+    steps = np.diff(positions)
+    if steps.size < 2:
+        return
+    expected = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - expected)))
+    if abs(steps[worst] - expected) > 0.01 * abs(expected) + 1e-3:
+        raise InputError(
+            f"{folder}: slices are not evenly spaced: {steps[worst]:.3f} mm between {Path(files[worst]).name} and "
+            f"{Path(files[worst + 1]).name}, {expected:.3f} mm elsewhere. A slice file is missing or damaged."
+        )
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -321,6 +351,19 @@ def _atomic_target(path: Path) -> Path:
     """A temporary sibling path that keeps the real suffix (writers choose the format by suffix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name.split('.')[0]}.partial-{os.getpid()}{''.join(path.suffixes)}")
+
+
+def _writable(array: np.ndarray, path: Path) -> np.ndarray:
+    """Masks (bool) become uint8; 64-bit integers become int32 when their values fit (NIfTI has no int64 reader
+    everywhere)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype in (np.int64, np.uint64):
+        info = np.iinfo(np.int32)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise InputError(f"{path}: 64-bit values outside the int32 range cannot be written; rescale them first.")
+        return array.astype(np.int32)
+    return array
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = True) -> Path:
@@ -337,19 +380,20 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = Tr
         raise InputError(f"{path}: write segmentations with MedVLSAM2Lib.segmentation.write_segmentation.")
     if suffix not in NIFTI_SUFFIXES + (".nrrd", ".mha"):
         raise InputError(f"{path}: cannot write {suffix!r}; use .nii.gz, .nii, .nrrd or .mha.")
+    array = _writable(volume.array, path)
     tmp = _atomic_target(path)
     try:
         if suffix in NIFTI_SUFFIXES:
             import nibabel as nib
 
-            image = nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.ijk_to_ras)
+            image = nib.Nifti1Image(array.transpose(2, 1, 0), volume.ijk_to_ras)
             image.set_qform(volume.ijk_to_ras, code=1)
             image.set_sform(volume.ijk_to_ras, code=1)
             nib.save(image, str(tmp))
         else:
             import SimpleITK as sitk
 
-            image = sitk.GetImageFromArray(volume.array)  # KJI array -> image of size (I, J, K)
+            image = sitk.GetImageFromArray(array)  # KJI array -> image of size (I, J, K)
             lps = volume.ijk_to_lps
             spacing = np.linalg.norm(lps[:3, :3], axis=0)
             image.SetSpacing(spacing.tolist())

@@ -18,7 +18,10 @@ DATA = REPO.parent / "shared" / "data"
 def data_dir() -> Path:
     """The real test corpus; tests that need it skip (saying why) when the folder is absent."""
     if not (DATA / "README.md").is_file():
-        pytest.skip(f"real test corpus not found at {DATA} (CI provides ../shared/data beside the checkout)")
+        message = f"real test corpus not found at {DATA} (CI provides ../shared/data beside the checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must not pass without it")
+        pytest.skip(message)
     return DATA
 
 

@@ -76,6 +76,16 @@ def test_reports_csv_in_the_official_layout_streams(ct_rate, tmp_path):
     assert reports[0].text.startswith("Findings: ") and " Impression: " in reports[0].text
 
 
+def test_short_rows_and_non_utf8_files_are_named(tmp_path):
+    path = tmp_path / "meta.csv"
+    path.write_text("VolumeName,RescaleSlope,RescaleIntercept,XYSpacing,ZSpacing\nvalid_1_a_1,1,-1024\n")
+    with pytest.raises(InputError, match=r"meta\.csv, line 2: the row ends before column\(s\) \['XYSpacing'"):
+        list(iter_metadata(path))
+    path.write_bytes("VolumeName,Findings_EN\nvalid_1_a_1,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8"):
+        list(iter_reports(path))
+
+
 def test_csv_missing_a_column_names_it(tmp_path):
     path = tmp_path / "reports.csv"
     path.write_text("VolumeName,Findings_EN\nvalid_1_a_1,x\n")

@@ -10,6 +10,7 @@ import pytest
 
 from MedVLSAM2Lib.data.m3dseg import M3DSegDataset, load_dataset_info, parse_mask_shape
 from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.preprocess import GridConfig, to_model
 from MedVLSAM2Lib.volume import read_volume
 
 pytestmark = pytest.mark.realdata
@@ -33,7 +34,12 @@ def test_demo_case_loads_117_channels_named_like_its_labels(m3d_root, subject_a,
         channel = dataset.categories.index(name)
         np.testing.assert_array_equal(masks[channel], labels_xyz == channel + 1)
     assert int(masks.sum()) == 110225
-    assert case.to_volume().array.shape == (30, 101, 122)
+    volume = case.to_volume()
+    assert volume.array.shape == (30, 101, 122)
+    # M3D's own recipe only swaps axes to (Z, Y, X): mapping to the model grid must not flip them either
+    image, _ = to_model(volume, GridConfig(spatial_size=(30, 101, 122), crop_foreground=False))
+    low, high = volume.array.min(), volume.array.max()
+    np.testing.assert_allclose(image, (volume.array - low) / (high - low), atol=1e-5)
 
 
 def test_dataset_info_lists_26_codes(data_dir):

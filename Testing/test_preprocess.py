@@ -75,6 +75,8 @@ def test_bad_config_and_shapes_are_rejected():
         GridConfig(intensity="window")
     with pytest.raises(InputError, match="constant"):
         to_model(Volume(np.zeros((3, 4, 5)), np.eye(4)))
+    with pytest.raises(InputError, match="NaN or infinite"):
+        to_model(Volume(np.where(np.eye(5)[None] > 0, np.nan, 1.0).repeat(3, 0), np.eye(4)))
     _, record = to_model(_toy_volume(), GridConfig(spatial_size=(8, 16, 16)))
     with pytest.raises(InputError, match=r"mask_from_model: expected shape \(8, 16, 16\)"):
         mask_from_model(np.zeros((8, 16, 15), np.uint8), record)
@@ -93,6 +95,8 @@ def test_prompts_map_to_the_model_grid_and_back():
     points, boxes = record.prompts_to_model((PointPrompt((4, 5, 2)),), (BoxPrompt((3, 2, 1), (9, 8, 4)),))
     box = boxes[0]
     assert all(lo <= hi for lo, hi in zip(box.min_ijk, box.max_ijk, strict=True))
+    with pytest.raises(InputError, match=r"Point 0 .* is outside the volume"):
+        record.prompts_to_model((PointPrompt((12, 5, 2)),))
     back_points, back_boxes = record.prompts_from_model(points, boxes)
     np.testing.assert_allclose([back_boxes[0].min_ijk, back_boxes[0].max_ijk], [[3, 2, 1], [9, 8, 4]], atol=1e-9)
     np.testing.assert_allclose(back_points[0].ijk, (4, 5, 2), atol=1e-9)
@@ -118,7 +122,9 @@ def test_real_label_map_round_trip_keeps_dice_above_095(subject_a, total_labels)
 
 @pytest.mark.realdata
 def test_soft_masks_survive_strong_z_downsampling_better_than_nearest(subject_a, total_labels):
-    """112 slices of 3 mm become 32 model slices: soft occupancy + trilinear back beats nearest everywhere."""
+    """112 slices of 3 mm become 32 model slices (10.5 mm): soft occupancy + trilinear back beats nearest for
+    every structure. Organs keep Dice >= 0.97; thin bones lose more (measured: vertebrae 0.93-0.95, costal
+    cartilages 0.86), a limit of the paper's 32-slice grid rather than of the resampling."""
     ct = read_volume(subject_a / "example_ct.nii.gz")
     labels = read_volume(subject_a / "example_seg_fast_force_split.nii.gz").array
     _, record = to_model(ct)
@@ -131,8 +137,10 @@ def test_soft_masks_survive_strong_z_downsampling_better_than_nearest(subject_a,
         soft = dice(mask, probabilities_from_model(mask_to_model(mask, record, soft=True), record) > 0.5)
         assert soft > nearest, f"label {label}: soft {soft:.3f} <= nearest {nearest:.3f}"
         soft_scores[int(label)] = soft
-    for organ in ["liver", "spleen", "kidney_right", "kidney_left"]:
+    for organ in ["liver", "spleen", "kidney_right", "kidney_left", "inferior_vena_cava"]:
         assert soft_scores[total_labels[organ]] >= 0.97, organ
+    for vertebra in ["vertebrae_L1", "vertebrae_L2", "vertebrae_L3", "vertebrae_L4", "vertebrae_L5"]:
+        assert soft_scores[total_labels[vertebra]] >= 0.92, vertebra
     assert np.median(list(soft_scores.values())) >= 0.97 and min(soft_scores.values()) >= 0.8
 
 

@@ -48,6 +48,12 @@ def test_overlapping_segments_keep_their_own_masks(tmp_path):
     assert back.segments[0].terminology["type"][2] == "Liver"
 
 
+@pytest.mark.realdata
+def test_plain_label_map_is_not_taken_for_a_segmentation(data_dir):
+    with pytest.raises(InputError, match="no segments in this file"):
+        read_segmentation(data_dir / "dcmqi_ct3slice" / "liver_seg.nrrd")
+
+
 def test_bad_segmentations_are_refused(tmp_path):
     mask = np.ones((2, 2, 2), bool)
     with pytest.raises(InputError, match=r"must end in \.seg\.nrrd"):

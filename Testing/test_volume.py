@@ -6,6 +6,7 @@ import gzip
 import shutil
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import pytest
 
@@ -36,7 +37,9 @@ def test_ge_three_slice_series_aligns_with_its_liver_nrrd(data_dir):
     assert ct.array.shape == liver.array.shape == (3, 512, 512)
     np.testing.assert_allclose(ct.ijk_to_ras, liver.ijk_to_ras, atol=1e-3)
     assert 32 <= ct.array[liver.array == 1].mean() <= 42
-    # LPS files become RAS: the NRRD's LPS origin (x, y) flips sign.
+    # LPS files become RAS: x and y of the NRRD header's LPS origin change sign, z stays.
+    origin_lps = nrrd.read_header(str(folder / "liver_seg.nrrd"))["space origin"]
+    np.testing.assert_allclose(liver.ijk_to_ras[:3, 3], origin_lps * np.array([-1, -1, 1]), atol=1e-6)
     assert ct.ijk_to_ras[2, 3] == pytest.approx(-128.69, abs=0.01)
 
 
@@ -119,6 +122,31 @@ def test_folder_with_two_series_lists_them_and_reads_the_chosen_one(data_dir, tm
     assert read_volume(tmp_path, series_uid=three["uid"]).array.shape == (3, 512, 512)
     with pytest.raises(InputError, match="no series with UID"):
         read_volume(tmp_path, series_uid="1.2.3")
+
+
+def test_series_with_a_missing_slice_is_refused(data_dir, tmp_path):
+    import SimpleITK as sitk
+
+    source = data_dir / "totalsegmentator" / "subjectC_petct_dicom" / "dicom"
+    ordered = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source))
+    for n, f in enumerate(ordered):
+        if n != 10:
+            shutil.copy(f, tmp_path)
+    with pytest.raises(InputError, match=r"not evenly spaced: 4\.000 mm .* 2\.000 mm elsewhere"):
+        read_volume(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.int64])
+def test_masks_and_int64_label_maps_are_writable(tmp_path, dtype):
+    array = (np.arange(60).reshape(3, 4, 5) % 3 == 0).astype(dtype)
+    for suffix in (".nii.gz", ".nrrd"):
+        back = read_volume(write_volume(Volume(array, np.eye(4)), tmp_path / f"m{suffix}"))
+        np.testing.assert_array_equal(back.array, array.astype(np.int64))
+
+
+def test_non_numeric_voxels_are_refused():
+    with pytest.raises(InputError, match="scalar numbers"):
+        Volume(np.zeros((2, 2, 2), dtype=[("r", "u1"), ("g", "u1"), ("b", "u1")]), np.eye(4))
 
 
 def test_folder_without_dicom_says_so(tmp_path):

@@ -80,11 +80,17 @@ def _rows(path: str | os.PathLike, required: tuple[str, ...]) -> Iterator[tuple[
         raise InputError(f"{path}: no such CSV file.")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}.")
-        for row in reader:
-            yield reader.line_num, row
+        try:
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: missing column(s) {missing}; the header is {reader.fieldnames}.")
+            for row in reader:
+                short = [c for c in required if row.get(c) is None]
+                if short:
+                    raise InputError(f"{path}, line {reader.line_num}: the row ends before column(s) {short}.")
+                yield reader.line_num, row
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}: not UTF-8 text ({err}); re-save the CSV as UTF-8.") from err
 
 
 def _text(value: str | None) -> str:
@@ -256,6 +262,8 @@ def _parse_vqa_record(record: object, where: str) -> VQASample:
     turns = []
     for n in range(0, len(messages), 2):
         human, gpt = messages[n], messages[n + 1]
+        if not isinstance(human, dict) or not isinstance(gpt, dict):
+            raise InputError(f"{where}: messages {n} and {n + 1} must be objects with 'from' and 'value'.")
         if human.get("from") != "human" or gpt.get("from") != "gpt":
             raise InputError(f"{where}: message {n} must come 'from' human and message {n + 1} from gpt.")
         question, kind = _turn_kind(str(human.get("value", "")), human.get("type"))
@@ -271,10 +279,12 @@ def iter_vqa(path: str | os.PathLike) -> Iterator[VQASample]:
             (the message names the record index).
     """
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such VQA file.")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise InputError(f"{path}: no such VQA file.") from err
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err}).") from err
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not valid JSON ({err}).") from err
     if not isinstance(records, list):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ class M3DSegCase:
         shape = self.mask_shape
         try:
             sparse = scipy.sparse.load_npz(self.mask_path)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
             raise InputError(f"{self.mask_path}: cannot read sparse mask ({err}).") from err
         if sparse.shape != (shape[0], int(np.prod(shape[1:]))):
             raise InputError(f"{self.mask_path}: sparse matrix shape {sparse.shape} contradicts its file name {shape}.")
@@ -92,10 +93,15 @@ class M3DSegCase:
         return self.load_masks()[self.categories.index(category)]
 
     def to_volume(self, array_xyz: np.ndarray | None = None) -> Volume:
-        """Image (or a given ``(X, Y, Z)`` array) as a :class:`Volume`; M3D-Seg stores no geometry,
-        so the grid is 1 mm isotropic with identity directions."""
+        """Image (or a given ``(X, Y, Z)`` array) as a :class:`Volume`.
+
+        M3D-Seg stores no geometry. The grid is 1 mm isotropic with axes declared (L, P, S), the model grid's
+        canonical order, so mapping to the model grid does not flip anything: exactly M3D's own recipe
+        (``swapaxes(-1, -3)`` to ``(Z, Y, X)``, no flips).
+        """
         data = self.load_image()[0] if array_xyz is None else array_xyz
-        return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), np.eye(4), {"source_path": str(self.image_path)})
+        lps_axes = np.diag([-1.0, -1.0, 1.0, 1.0])
+        return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), lps_axes, {"source_path": str(self.image_path)})
 
 
 class M3DSegDataset:
@@ -109,8 +115,10 @@ class M3DSegDataset:
             self.description = json.loads(self.json_path.read_text(encoding="utf-8"))
         except FileNotFoundError as err:
             raise InputError(f"{self.json_path}: no dataset JSON; expected <root>/{code}/{code}.json.") from err
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{self.json_path}: not valid JSON ({err}).") from err
+        if not isinstance(self.description, dict):
+            raise InputError(f"{self.json_path}: expected a JSON object with 'labels', 'train' and 'test'.")
         labels = self.description.get("labels")
         if not isinstance(labels, dict):
             raise InputError(f"{self.json_path}: missing the 'labels' object.")
@@ -125,7 +133,9 @@ class M3DSegDataset:
         entries = self.description.get(split)
         if not isinstance(entries, list):
             raise InputError(f"{self.json_path}: no {split!r} list.")
-        for entry in entries:
+        for n, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
+                raise InputError(f"{self.json_path}: {split}[{n}] needs 'image' and 'label' paths.")
             image_path = self.root / entry["image"]
             mask_path = self.root / entry["label"]
             for path in (image_path, mask_path):
