@@ -58,7 +58,7 @@ def _version(module: str, distribution: str) -> str:
         return "installed (version unknown)"
 
 
-def _doctor(_: argparse.Namespace) -> int:
+def _doctor(args: argparse.Namespace) -> int:
     print(f"python        {sys.version.split()[0]} ({platform.platform()})")
     for module, distribution in DOCTOR_PACKAGES:
         print(f"{distribution:<14}{_version(module, distribution)}")
@@ -89,12 +89,33 @@ def _doctor(_: argparse.Namespace) -> int:
         except Exception as err:
             print(f"import FAIL   {what} ({module}.{attribute}): {type(err).__name__}: {err}")
             failures += 1
+    if args.preset and not failures:
+        _parameter_report(args.preset)
     print(
         "doctor: all checks passed"
         if not failures
         else f"doctor: {failures} check(s) failed; reinstall with `make install`"
     )
     return 0 if not failures else 1
+
+
+def _parameter_report(name: str) -> None:
+    """Build a preset on the meta device (no weights in memory) and print parameters per module."""
+    import torch
+
+    from .config import preset
+    from .model.medvlsam2 import MedVLSAM2Model
+    from .model.weights import parameter_table
+
+    config = preset(name)
+    with torch.device("meta"):
+        model = MedVLSAM2Model(config)
+    image = torch.zeros(1, 1, *config.vision.img_size, device="meta")
+    tokens = model.projector(model.vision(image))
+    print(f"preset        {name}: {config.vision.num_tokens} visual tokens -> projector {tuple(tokens.shape[1:])}")
+    print(f"{'module':<14}{'parameters':>14}{'paper Table 8':>16}")
+    for module, count, paper in parameter_table(model):
+        print(f"{module:<14}{count / 1e6:>13.2f}M{paper:>15.2f}M")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -147,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed for prompt synthesis")
     demo.set_defaults(run=_demo)
     doctor = commands.add_parser("doctor", help="print versions, devices and import checks")
+    doctor.add_argument(
+        "--preset", choices=["tiny", "small", "paper"], help="also print a preset's parameters per module"
+    )
     doctor.set_defaults(run=_doctor)
     return parser
 

@@ -56,6 +56,17 @@ def test_doctor_reports_versions_and_import_checks(capsys):
         assert name in printed
 
 
+def test_doctor_prints_the_paper_preset_parameter_table(capsys):
+    assert main(["doctor", "--preset", "paper"]) == 0
+    printed = capsys.readouterr().out
+    assert "paper: 2048 visual tokens -> projector (512, 2048)" in printed
+    rows = {line.split()[0]: float(line.split()[1].rstrip("M")) for line in printed.splitlines()
+            if line.split() and line.split()[0] in ("vision", "projector", "language", "segmentation")}  # fmt: skip
+    assert rows["vision"] == pytest.approx(87.39, abs=0.01)  # M3D-CLIP ViT-B
+    assert rows["language"] == pytest.approx(3090.37, abs=0.1)  # Qwen2.5-3B, tied embeddings
+    assert rows["segmentation"] == pytest.approx(224.43 + 4.72, abs=0.05)  # SAM2.1-L + [SEG] projector
+
+
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit) as info:
         main(["train-everything"])

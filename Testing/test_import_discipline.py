@@ -11,6 +11,7 @@ from conftest import REPO
 LIGHT_MODULES = [
     "MedVLSAM2Lib",
     "MedVLSAM2Lib.errors",
+    "MedVLSAM2Lib.config",
     "MedVLSAM2Lib.volume",
     "MedVLSAM2Lib.prompts",
     "MedVLSAM2Lib.preprocess",

@@ -1,0 +1,385 @@
+"""MedVL-SAM2: 3D ViT → MLP-Mixer projector → Qwen2 + LoRA → ``[SEG]`` → SAM2 over slices.
+
+Reads top-down: output/batch types, the ``[SEG]`` projector, the model (parts, trainable groups,
+embedding of a conversation, losses, ``forward``), then inference (``generate``, ``segment``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import InputError
+from ..prompts import BoxPrompt, PointPrompt
+from .language import IGNORE_INDEX, ChatTokens, apply_lora, build_causal_lm, build_tokenizer, encode_conversation
+from .projector import build_projector
+from .segmenter import SlicePrompts, VolumeSegmenter, prepare_slices
+from .vision import VisionEncoder3D
+
+__all__ = ["SegTarget", "Batch", "MedVLSAM2Output", "SegTokenProjector", "MedVLSAM2Model", "STAGE_PARTS"]
+
+logger = logging.getLogger(__name__)
+
+# Trainable parts per training stage (paper): 1 projector; 2 + ViT + LoRA; 3 + the segmentation path.
+STAGE_PARTS: dict[int, frozenset[str]] = {
+    1: frozenset({"projector"}),
+    2: frozenset({"projector", "vision", "lora"}),
+    3: frozenset({"projector", "vision", "lora", "seg_projector", "sam_heads"}),
+}
+ALL_PARTS = frozenset({"projector", "vision", "lora", "seg_projector", "sam_heads", "sam_image_encoder"})
+# SAM2 parameters our pipeline never uses (mask-input prompts, the IoU head of multimask selection, the
+# unused no-memory positional encoding). They stay frozen so that no trainable parameter lacks a gradient
+# (distributed training requires that).
+UNUSED_SAM2 = ("no_mem_pos_enc", "mask_downsample.", "sam_prompt_encoder.mask_downscaling.",
+               "sam_mask_decoder.iou_prediction_head.")  # fmt: skip
+
+
+@dataclass
+class SegTarget:
+    """One object to segment in a sample, matched in order to the sample's ``[SEG]`` tokens.
+
+    Attributes:
+        mask: ``(D, H, W)`` float {0, 1} on the model grid (``None`` at inference).
+        points: point prompts in model coordinates ``(w, h, d)``.
+        boxes: box prompts in model coordinates (one slice thick: ``min d == max d``).
+    """
+
+    mask: torch.Tensor | None = None
+    points: tuple[PointPrompt, ...] = ()
+    boxes: tuple[BoxPrompt, ...] = ()
+
+
+@dataclass
+class Batch:
+    """A collated training batch.
+
+    Attributes:
+        image: ``(B, 1, D, H, W)`` float in [0, 1] (min-max, for the ViT).
+        sam_image: ``(B, D, H, W)`` float in [0, 1] (CT window, for SAM2), same grid.
+        input_ids, attention_mask, labels: ``(B, L)`` ChatML tokens, right-padded; labels -100 where unsupervised.
+        targets: per sample, one :class:`SegTarget` per ``[SEG]`` token (empty for report/VQA samples).
+    """
+
+    image: torch.Tensor
+    sam_image: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    targets: list[list[SegTarget]] = field(default_factory=list)
+
+
+@dataclass
+class MedVLSAM2Output:
+    """Losses (scalars) of a batch and the predicted mask logits ``(n_objects, D, H, W)`` on the model grid."""
+
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    bce_loss: torch.Tensor
+    dice_loss: torch.Tensor
+    object_loss: torch.Tensor
+    mask_logits: torch.Tensor | None = None
+
+
+class SegTokenProjector(nn.Module):
+    """``[SEG]`` hidden state ``(n, d_llm)`` → SAM2 prompt token ``(n, d_sam)`` (Sa2VA's text_hidden_fcs)."""
+
+    def __init__(self, d_llm: int, d_sam: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(d_llm, d_llm), nn.ReLU(inplace=True), nn.Linear(d_llm, d_sam))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layers(hidden)
+
+
+class MedVLSAM2Model(nn.Module):
+    """The unified model. Build with :func:`MedVLSAM2Lib.model.weights.build_model` to load real weights."""
+
+    def __init__(self, config: ModelConfig, tokenizer=None, language_model=None) -> None:  # noqa: ANN001
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.language.tokenizer)
+        self.tokens = ChatTokens.of(self.tokenizer)
+        self.vision = VisionEncoder3D(config.vision)
+        base = (
+            language_model
+            if language_model is not None
+            else build_causal_lm(config.language, len(self.tokenizer), self.tokens)
+        )
+        if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
+            base.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        d_llm = base.config.hidden_size
+        self.projector = build_projector(config.projector, config.vision.num_tokens, config.vision.hidden_size, d_llm)
+        self.llm = apply_lora(base, config.language, [self.tokens.seg, self.tokens.image])
+        self.seg_projector = SegTokenProjector(d_llm, config.segmenter.d_model)
+        self.segmenter = VolumeSegmenter(config.segmenter, memory=config.memory)
+        self.set_trainable(STAGE_PARTS[3])
+
+    # ------------------------------------------------------------------ parts
+
+    def _decoder(self) -> nn.Module:
+        return self.llm.get_base_model().model  # Qwen2Model, LoRA layers injected in place
+
+    def _lm_head(self) -> nn.Module:
+        return self.llm.get_base_model().lm_head
+
+    def part_parameters(self, part: str) -> list[nn.Parameter]:
+        """Parameters of one trainable group (see ``ALL_PARTS``)."""
+        sam = self.segmenter.sam
+        if part == "vision":
+            return list(self.vision.parameters())
+        if part == "projector":
+            return list(self.projector.parameters())
+        if part == "seg_projector":
+            return list(self.seg_projector.parameters())
+        if part == "lora":
+            return [p for n, p in self.llm.named_parameters() if "lora_" in n or "trainable_tokens_delta" in n]
+        if part == "sam_image_encoder":
+            return list(sam.image_encoder.parameters())
+        if part == "sam_heads":
+            return [
+                p
+                for n, p in sam.named_parameters()
+                if not n.startswith("image_encoder.") and not n.startswith(UNUSED_SAM2)
+            ]
+        raise InputError(f"unknown trainable part {part!r}; parts are {sorted(ALL_PARTS)}.")
+
+    def set_trainable(self, parts: frozenset[str] | set[str]) -> None:
+        """Freeze everything, then unfreeze the named parts (``STAGE_PARTS[stage]`` or any subset of ``ALL_PARTS``)."""
+        unknown = set(parts) - ALL_PARTS
+        if unknown:
+            raise InputError(f"unknown trainable part(s) {sorted(unknown)}; parts are {sorted(ALL_PARTS)}.")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for part in parts:
+            for p in self.part_parameters(part):
+                p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ embedding
+
+    def embed(self, image: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the ``<image>`` positions replaced by projected visual tokens.
+
+        Args:
+            image: ``(B, 1, D, H, W)`` in [0, 1].
+            input_ids: ``(B, L)``; each row holds exactly ``projector.out_tokens`` ``<image>`` tokens.
+
+        Returns:
+            ``(B, L, d_llm)``.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.tokens.image
+        expected = self.config.projector.out_tokens
+        counts = is_image.sum(dim=1)
+        if torch.any(counts != expected):
+            raise InputError(f"every sample needs {expected} <image> tokens, got {counts.tolist()}.")
+        visual = self.projector(self.vision(image)).to(embeds.dtype)  # (B, out_tokens, d_llm)
+        return embeds.masked_scatter(is_image[..., None], visual)
+
+    def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states ``(B, L, d_llm)`` (no logits are computed here)."""
+        return self._decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    # ------------------------------------------------------------------ losses
+
+    def _text_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy on supervised positions only: full-vocabulary logits are never formed
+        for the other positions."""
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        if not supervised.any():
+            return hidden.sum() * 0.0
+        logits = self._lm_head()(hidden[:, :-1][supervised]).float()  # (n_supervised, vocab)
+        return F.cross_entropy(logits, targets[supervised])
+
+    def _slice_prompts(self, target: SegTarget, grid: tuple[int, int, int]) -> dict[int, SlicePrompts]:
+        """Model-grid prompts of one object → SAM2 pixel prompts per slice (boxes first, as SAM2 wants)."""
+        depth, height, width = grid
+        size = self.config.segmenter.image_size
+        scale = torch.tensor([size / width, size / height])
+        by_slice: dict[int, list[tuple[list[float], int]]] = {}
+
+        def pixel(w: float, h: float) -> list[float]:
+            return ((torch.tensor([w, h]) + 0.5) * scale - 0.5).tolist()
+
+        for box in target.boxes:
+            z = min(max(round(box.min_ijk[2]), 0), depth - 1)
+            by_slice.setdefault(z, []).extend([(pixel(*box.min_ijk[:2]), 2), (pixel(*box.max_ijk[:2]), 3)])
+        for point in target.points:
+            z = min(max(round(point.ijk[2]), 0), depth - 1)
+            by_slice.setdefault(z, []).append((pixel(*point.ijk[:2]), point.label))
+        return {
+            z: SlicePrompts(torch.tensor([[c for c, _ in items]]), torch.tensor([[label for _, label in items]]))
+            for z, items in by_slice.items()
+        }
+
+    def _segment_objects(
+        self, sam_image: torch.Tensor, seg_tokens: torch.Tensor, targets: list[SegTarget]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits ``(n, D, H, W)`` on the model grid and object logits ``(n, D)`` for one volume.
+
+        Objects without point/box prompts share one batched pass; prompted objects run one by one.
+        """
+        grid = tuple(sam_image.shape)
+        device = seg_tokens.device
+        features = self.segmenter.encode(prepare_slices(sam_image, self.config.segmenter.image_size))
+        language = self.seg_projector(seg_tokens)  # (n, d_sam)
+        masks: list[torch.Tensor | None] = [None] * len(targets)
+        objects: list[torch.Tensor | None] = [None] * len(targets)
+        plain = [n for n, t in enumerate(targets) if not (t.points or t.boxes)]
+        groups = ([plain] if plain else []) + [[n] for n, t in enumerate(targets) if t.points or t.boxes]
+        for group in groups:
+            prompts = {} if group is plain else self._slice_prompts(targets[group[0]], grid)
+            prompts = {z: SlicePrompts(p.coords.to(device), p.labels.to(device)) for z, p in prompts.items()}
+            out = self.segmenter(features, language[group], prompts)
+            logits = F.interpolate(out.mask_logits, size=grid[1:], mode="bilinear", align_corners=False)
+            for k, n in enumerate(group):
+                masks[n], objects[n] = logits[k], out.object_logits[k]
+        return torch.stack(masks), torch.stack(objects)
+
+    def _mask_losses(
+        self, logits: torch.Tensor, objects: torch.Tensor, truth: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BCE and soft Dice (MONAI) on ``(n, D, H, W)`` logits, and the per-slice object-score BCE."""
+        from monai.losses import DiceLoss
+
+        # Slices scored as empty carry SAM2's constant -1024: clamp so the loss stays readable (no gradient either way).
+        logits = logits.clamp(-30.0, 30.0)
+        bce = F.binary_cross_entropy_with_logits(logits, truth)
+        dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)(logits[:, None], truth[:, None])
+        present = (truth.flatten(2).amax(dim=2) > 0).float()
+        return bce, dice, F.binary_cross_entropy_with_logits(objects, present)
+
+    def _placeholder_mask_loss(self, hidden: torch.Tensor, sam_image: torch.Tensor) -> torch.Tensor:
+        """Zero-valued loss through the whole segmentation path (two slices, so memory is used too): keeps
+        every trainable parameter in the graph for batches without masks (DDP/ZeRO need that)."""
+        logits, objects = self._segment_objects(sam_image[:2], hidden[:1], [SegTarget()])
+        return (logits.clamp(-30, 30).mean() + objects.mean()) * 0.0
+
+    def forward(self, batch: Batch) -> MedVLSAM2Output:
+        """Losses of a mixed batch (reports, VQA, segmentation).
+
+        ``loss = text · L_text + mask · (L_BCE + dice · L_Dice + L_obj)`` with ``config.loss`` weights.
+        """
+        embeds = self.embed(batch.image, batch.input_ids)
+        hidden = self.hidden_states(embeds, batch.attention_mask)
+        text = self._text_loss(hidden, batch.labels)
+        weights = self.config.loss
+        seg_logits, zero = [], hidden.sum() * 0.0
+        bce = dice = objectness = zero
+        pairs = []
+        for b, targets in enumerate(batch.targets or [[] for _ in range(hidden.shape[0])]):
+            positions = (batch.input_ids[b] == self.tokens.seg).nonzero().flatten()
+            if len(positions) != len(targets):
+                raise InputError(f"sample {b}: {len(positions)} [SEG] tokens but {len(targets)} targets.")
+            if targets:
+                logits, objects = self._segment_objects(batch.sam_image[b], hidden[b, positions], targets)
+                truth = torch.stack([t.mask.to(logits.dtype) for t in targets])
+                pairs.append(self._mask_losses(logits, objects, truth))
+                seg_logits.append(logits)
+        if pairs:
+            bce, dice, objectness = (torch.stack(values).mean() for values in zip(*pairs, strict=True))
+            mask_part = bce + weights.dice_weight * dice + objectness
+        else:
+            mask_part = self._placeholder_mask_loss(hidden[0], batch.sam_image[0])
+        loss = weights.text_weight * text + weights.mask_weight * mask_part
+        return MedVLSAM2Output(loss, text, bce, dice, objectness, torch.cat(seg_logits) if seg_logits else None)
+
+    # ------------------------------------------------------------------ inference
+
+    def prompt_ids(self, question: str, history: tuple[tuple[str, str], ...] = ()) -> list[int]:
+        """ChatML ids of a generation prompt (ends with the assistant header)."""
+        ids, _ = encode_conversation(
+            self.tokenizer, self.config.system_prompt, [*history, (question, None)], self.config.projector.out_tokens
+        )
+        return ids
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        image: torch.Tensor,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        num_beams: int = 1,
+        temperature: float = 1.0,
+        on_token: Callable[[str], None] | None = None,
+    ) -> list[int]:
+        """Generate an answer for one volume.
+
+        Args:
+            image: ``(1, 1, D, H, W)`` in [0, 1].
+            prompt_ids: from :meth:`prompt_ids`.
+            max_new_tokens, do_sample, num_beams, temperature: decoding (greedy by default).
+            on_token: called with each new piece of decoded text (greedy/sampling only).
+
+        Returns:
+            The new token ids, ending at ``<|im_end|>`` when generation stopped there.
+        """
+        ids = torch.tensor([prompt_ids], device=image.device)
+        embeds = self.embed(image, ids)
+        streamer = _CallbackStreamer(self.tokenizer, on_token) if on_token and num_beams == 1 else None
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_beams=num_beams,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=self.tokens.im_end,
+            pad_token_id=self.tokens.pad,
+            streamer=streamer,
+        )
+        return out[0].tolist()
+
+    @torch.inference_mode()
+    def segment_answer(
+        self, image: torch.Tensor, sam_image: torch.Tensor, prompt_ids: list[int], answer_ids: list[int],
+        targets: list[SegTarget] | None = None,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Mask probabilities ``(n, D, H, W)`` for the ``[SEG]`` tokens of a generated answer, or ``None``.
+
+        The ``[SEG]`` hidden states are read from a forward pass over prompt + answer at the positions
+        where ``[SEG]`` is the input token — the rule used in training.
+        """
+        ids = torch.tensor([prompt_ids + answer_ids], device=image.device)
+        positions = (ids[0] == self.tokens.seg).nonzero().flatten()
+        if len(positions) == 0:
+            return None
+        hidden = self.hidden_states(self.embed(image, ids), torch.ones_like(ids))
+        targets = targets or [SegTarget() for _ in positions]
+        if len(targets) != len(positions):
+            raise InputError(f"the answer has {len(positions)} [SEG] tokens but {len(targets)} prompt sets were given.")
+        logits, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets)
+        return torch.sigmoid(logits)
+
+
+class _CallbackStreamer:
+    """Minimal transformers streamer: decodes new tokens and passes the new text to a callback."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]) -> None:  # noqa: ANN001
+        self.tokenizer, self.callback = tokenizer, callback
+        self.ids: list[int] = []
+        self.text = ""
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt (empty with inputs_embeds)
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.flatten().tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if len(text) > len(self.text):
+            self.callback(text[len(self.text) :])
+            self.text = text
+
+    def end(self) -> None:
+        pass

@@ -1,0 +1,270 @@
+"""SAM2 over the slices of a volume, prompted by the ``[SEG]`` embedding and optional points/boxes.
+
+- SAM2 is built in Python from ``sam2``'s modules (no YAML files, no Hydra composition), with SAM2.1's
+  settings, so the released ``sam2.1_hiera_*.pt`` checkpoints load strictly.
+- The ``[SEG]`` embedding (``(B, 256)``, one per object) is appended after the point/box sparse
+  embeddings on every slice (:class:`LanguagePromptEncoder`).
+- Slices run through SAM2's ``_track_step`` with memory attention: the prompted slices (or, with
+  text only, the middle slice) are conditioning slices; tracking then goes outward in both
+  directions. The same code runs in training (differentiable) and inference.
+- Object-score pitfall: SAM2 replaces the mask of a slice it scores as "no object" by a constant
+  (−1024), which carries no gradient. The object-score logits are therefore returned for a loss of
+  their own (``MedVLSAM2Model``), and randomly initialised models start with a positive score bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SegmenterConfig
+
+__all__ = ["SlicePrompts", "VolumeSegmenter", "build_sam2", "prepare_slices"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_sam2(config: SegmenterConfig) -> nn.Module:
+    """A SAM2.1 model (``SAM2Base`` with a language-aware prompt encoder) of the configured geometry."""
+    from sam2.modeling.backbones.hieradet import Hiera
+    from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+    from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
+    from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+    from sam2.modeling.sam.transformer import RoPEAttention
+    from sam2.modeling.sam2_base import SAM2Base
+
+    d, feat = config.d_model, config.image_size // 16
+    target_device = torch.empty(0).device  # honours a `with torch.device("meta"):` around the build
+    with torch.device("cpu"):  # Hiera calls .item() while building, which meta tensors cannot do
+        trunk = Hiera(
+            embed_dim=config.embed_dim,
+            num_heads=config.num_heads,
+            stages=config.stages,
+            global_att_blocks=config.global_att_blocks,
+            window_spec=config.window_spec,
+            window_pos_embed_bkg_spatial_size=config.window_pos_embed_bkg,
+        )
+    trunk = trunk.to(target_device)
+    neck = FpnNeck(
+        position_encoding=PositionEmbeddingSine(num_pos_feats=d, normalize=True, temperature=10000),
+        d_model=d,
+        backbone_channel_list=config.backbone_channels,
+        fpn_top_down_levels=[2, 3],
+        fpn_interp_model="nearest",
+    )
+    rope = {"rope_theta": 10000.0, "feat_sizes": (feat, feat), "embedding_dim": d, "num_heads": 1,
+            "downsample_rate": 1, "dropout": 0.1}  # fmt: skip
+    layer = MemoryAttentionLayer(
+        activation="relu",
+        self_attention=RoPEAttention(**rope),
+        cross_attention=RoPEAttention(**rope, rope_k_repeat=True, kv_in_dim=config.mem_dim),
+        d_model=d,
+        dim_feedforward=8 * d,
+        dropout=0.1,
+        pos_enc_at_attn=False,
+        pos_enc_at_cross_attn_keys=True,
+        pos_enc_at_cross_attn_queries=False,
+    )
+    memory_encoder = MemoryEncoder(
+        out_dim=config.mem_dim,
+        mask_downsampler=MaskDownSampler(embed_dim=d, kernel_size=3, stride=2, padding=1),
+        fuser=Fuser(CXBlock(dim=d, kernel_size=7, padding=3, layer_scale_init_value=1e-6, use_dwconv=True), 2),
+        position_encoding=PositionEmbeddingSine(num_pos_feats=config.mem_dim, normalize=True, temperature=10000),
+        in_dim=d,
+    )
+    sam = SAM2Base(
+        image_encoder=ImageEncoder(trunk=trunk, neck=neck, scalp=1),
+        memory_attention=MemoryAttention(
+            d_model=d, pos_enc_at_input=True, layer=layer, num_layers=config.memory_layers
+        ),
+        memory_encoder=memory_encoder,
+        num_maskmem=config.num_maskmem,
+        image_size=config.image_size,
+        # SAM2.1 settings (sam2/configs/sam2.1/*.yaml) ...
+        sigmoid_scale_for_mem_enc=20.0,
+        sigmoid_bias_for_mem_enc=-10.0,
+        use_mask_input_as_output_without_sam=True,
+        directly_add_no_mem_embed=True,
+        no_obj_embed_spatial=True,
+        use_high_res_features_in_sam=True,
+        iou_prediction_use_sigmoid=True,
+        use_obj_ptrs_in_encoder=True,
+        add_tpos_enc_to_obj_ptrs=True,
+        proj_tpos_enc_in_obj_ptrs=True,
+        use_signed_tpos_enc_to_obj_ptrs=True,
+        only_obj_ptrs_in_the_past_for_eval=True,
+        pred_obj_scores=True,
+        pred_obj_scores_mlp=True,
+        fixed_no_obj_ptr=True,
+        use_mlp_for_obj_ptr_proj=True,
+        use_multimask_token_for_obj_ptr=True,
+        binarize_mask_from_pts_for_mem_enc=True,
+        # ... except multimask output: the [SEG] token names one target, so one mask is asked for.
+        multimask_output_in_sam=False,
+        multimask_output_for_tracking=False,
+        compile_image_encoder=False,
+    )
+    sam.sam_prompt_encoder.__class__ = LanguagePromptEncoder  # adds behaviour only: same parameters and keys
+    # A random model starts by scoring every slice "object present", so that masks get gradient from the first
+    # step (loading a checkpoint overwrites this bias).
+    with torch.no_grad():
+        sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(2.0)
+    return sam
+
+
+def _language_prompt_encoder_base() -> type:
+    from sam2.modeling.sam.prompt_encoder import PromptEncoder
+
+    return PromptEncoder
+
+
+class LanguagePromptEncoder(_language_prompt_encoder_base()):
+    """SAM2's prompt encoder that appends ``language_tokens`` (``(B, k, d)``) to the sparse embeddings.
+
+    ``language_tokens`` is set by :class:`VolumeSegmenter` for the duration of one volume pass.
+    """
+
+    language_tokens: torch.Tensor | None = None
+
+    def forward(self, points, boxes, masks):  # noqa: D102 (same contract as PromptEncoder.forward)
+        sparse, dense = super().forward(points, boxes, masks)
+        if self.language_tokens is not None:
+            sparse = torch.cat([sparse, self.language_tokens.to(sparse.dtype)], dim=1)
+        return sparse, dense
+
+
+def prepare_slices(volume: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Model-grid volume → SAM2 input slices.
+
+    Args:
+        volume: ``(D, H, W)`` float in ``[0, 1]`` (CT already windowed).
+        image_size: SAM2's input size.
+
+    Returns:
+        ``(D, 3, S, S)`` ImageNet-normalised slices.
+    """
+    slices = F.interpolate(volume[:, None].float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=volume.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=volume.device).view(1, 3, 1, 1)
+    return (slices.expand(-1, 3, -1, -1) - mean) / std
+
+
+@dataclass
+class SlicePrompts:
+    """Point prompts of one slice for a batch of objects, in SAM2 pixel coordinates.
+
+    Attributes:
+        coords: ``(B, P, 2)`` float ``(x, y)`` in pixels of SAM2's ``image_size``.
+        labels: ``(B, P)`` int: 1 positive, 0 negative, 2/3 box corners, -1 padding.
+    """
+
+    coords: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class SegmenterOutput:
+    """Per-slice results for ``B`` objects over ``D`` slices.
+
+    Attributes:
+        mask_logits: ``(B, D, s, s)`` low-resolution logits (``s = image_size / 4``); slices scored as
+            empty hold SAM2's constant −1024.
+        object_logits: ``(B, D)`` object-score logits (target present on the slice?).
+    """
+
+    mask_logits: torch.Tensor
+    object_logits: torch.Tensor
+
+
+class VolumeSegmenter(nn.Module):
+    """SAM2 run slice by slice with memory, conditioned on ``[SEG]`` embeddings."""
+
+    def __init__(self, config: SegmenterConfig, memory: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.memory = memory
+        self.sam = build_sam2(config)
+
+    def encode(self, slices: torch.Tensor) -> dict:
+        """Image-encoder features of all slices at once (batched; cache them per volume).
+
+        Args:
+            slices: ``(D, 3, S, S)`` from :func:`prepare_slices`.
+        """
+        _, feats, pos, sizes = self.sam._prepare_backbone_features(self.sam.forward_image(slices))
+        return {"feats": feats, "pos": pos, "sizes": sizes, "num_slices": slices.shape[0]}
+
+    def forward(
+        self, features: dict, language: torch.Tensor, prompts: dict[int, SlicePrompts] | None = None
+    ) -> SegmenterOutput:
+        """Segment ``B`` objects through all slices.
+
+        Args:
+            features: from :meth:`encode` (one volume).
+            language: ``(B, d_model)`` projected ``[SEG]`` embeddings, one per object.
+            prompts: slice index → point/box prompts on that slice (conditioning slices).
+
+        Returns:
+            :class:`SegmenterOutput` with per-slice logits in slice order.
+        """
+        prompts = prompts or {}
+        depth, batch = features["num_slices"], language.shape[0]
+        encoder = self.sam.sam_prompt_encoder
+        encoder.language_tokens = language[:, None, :]
+        try:
+            outputs = self._run(features, prompts, depth, batch)
+        finally:
+            encoder.language_tokens = None
+        masks = torch.stack([outputs[z]["pred_masks"][:, 0] for z in range(depth)], dim=1)
+        scores = torch.stack([outputs[z]["object_score_logits"][:, 0] for z in range(depth)], dim=1)
+        return SegmenterOutput(masks, scores)
+
+    def _order(self, prompts: dict[int, SlicePrompts], depth: int) -> tuple[list[int], list[tuple[int, bool]]]:
+        """Conditioning slices, then the tracking order as ``(slice, reverse)`` pairs."""
+        cond = sorted(prompts) or [depth // 2]
+        forward = [(z, False) for z in range(cond[0] + 1, depth) if z not in cond]
+        backward = [(z, True) for z in range(cond[0] - 1, -1, -1)]
+        return cond, forward + backward
+
+    def _run(self, features: dict, prompts: dict[int, SlicePrompts], depth: int, batch: int) -> dict[int, dict]:
+        memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        outputs: dict[int, dict] = {}
+        cond, order = self._order(prompts, depth)
+        if not self.memory:  # every slice on its own, as if each were the first
+            cond, order = list(range(depth)), []
+        for z in cond:
+            outputs[z] = self._step(features, z, True, prompts.get(z), memory, batch, reverse=False)
+            memory["cond_frame_outputs"][z] = outputs[z]
+        for z, reverse in order:
+            outputs[z] = self._step(features, z, False, None, memory, batch, reverse=reverse)
+            memory["non_cond_frame_outputs"][z] = outputs[z]
+        return outputs
+
+    def _step(
+        self,
+        features: dict,
+        z: int,
+        is_cond: bool,
+        prompt: SlicePrompts | None,
+        memory: dict,
+        batch: int,
+        reverse: bool,
+    ) -> dict:
+        """One slice through ``SAM2Base._track_step`` + memory encoding, keeping the object score (which
+        ``track_step`` drops in training mode)."""
+        sam = self.sam
+        feats = [f[:, z : z + 1].expand(-1, batch, -1).contiguous() for f in features["feats"]]
+        pos = [p[:, z : z + 1].expand(-1, batch, -1).contiguous() for p in features["pos"]]
+        point_inputs = None if prompt is None else {"point_coords": prompt.coords, "point_labels": prompt.labels}
+        out, sam_outputs, _, _ = sam._track_step(
+            z, is_cond, feats, pos, features["sizes"], point_inputs, None, memory, features["num_slices"], reverse, None
+        )
+        _, _, _, low_res, high_res, obj_ptr, object_logits = sam_outputs
+        out.update(pred_masks=low_res, pred_masks_high_res=high_res, obj_ptr=obj_ptr, object_score_logits=object_logits)
+        sam._encode_memory_in_output(feats, features["sizes"], point_inputs, True, high_res, object_logits, out)
+        return out

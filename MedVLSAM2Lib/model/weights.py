@@ -1,0 +1,242 @@
+"""Build MedVL-SAM2 and load weights from local paths (never downloaded); save and load our checkpoints.
+
+Real checkpoint layouts (DESIGN.md §3):
+- M3D-CLIP ``pretrained_ViT.bin``: the ViT's own keys (``cls_token``, ``patch_embedding.*``, ``blocks.N.*``,
+  ``norm.*``).
+- InternVL2.5-4B folder: ``config.json`` with ``llm_config`` (a Qwen2 config) and safetensors whose LM keys
+  start with ``language_model.`` (``language_model.model.*``, ``language_model.lm_head.*``); the tokenizer
+  lives in the same folder. Any other local HF causal-LM folder loads through ``AutoModelForCausalLM``.
+- SAM2.1 ``sam2.1_hiera_*.pt``: ``torch.load(...)["model"]``.
+
+Our checkpoint folder: ``config.json`` (model config, base-weight references, format version),
+``model.safetensors`` (the trained parts, plus every part that has no base reference), ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import WeightsError
+from .medvlsam2 import MedVLSAM2Model
+
+__all__ = ["BaseWeights", "build_model", "load_strict", "save_checkpoint", "load_checkpoint", "parameter_table"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+COMPONENT_PREFIXES = {"vision": "vision.", "language": "llm.", "sam2": "segmenter.sam."}
+# Paper Table 8 (millions of parameters), for `medvlsam2 doctor --preset paper`.
+PAPER_TABLE_M = {"vision": 198.05, "projector": 7.09, "language": 3390.0, "segmentation": 224.43}
+
+
+class BaseWeights(dict):
+    """Local paths of pretrained weights: keys ``vision`` (M3D-CLIP .bin), ``language`` (folder), ``sam2`` (.pt)."""
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` requiring the same keys and shapes.
+
+    Raises:
+        WeightsError: naming missing keys, unexpected keys and shape mismatches (first few of each).
+    """
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]  # fmt: skip
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{' …' if len(items) > 5 else ''}")
+        raise WeightsError(f"{source}: does not match the model ({'; '.join(parts)}). Check the file and the preset.")
+    module.load_state_dict(state, strict=True)
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such checkpoint file.")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or pickled-code files
+        raise WeightsError(f"{path}: cannot read as a torch checkpoint ({err}).") from err
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no .safetensors files.")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def load_language_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer from an InternVL2.5 folder (``llm_config`` + ``language_model.`` keys) or any
+    local HF causal-LM folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{folder}: no config.json; give an InternVL2.5 or Hugging Face model folder.")
+    config = json.loads(config_path.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True) if _has_tokenizer(folder) else None
+    if "llm_config" not in config:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+        return model, tokenizer
+    llm_config = {k: v for k, v in config["llm_config"].items() if k not in ("architectures", "auto_map")}
+    qwen = Qwen2Config(**llm_config)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(qwen)
+    prefix = "language_model."
+    state = {k[len(prefix) :]: v for k, v in _read_safetensors(folder).items() if k.startswith(prefix)}
+    if not state:
+        raise WeightsError(f"{folder}: no '{prefix}*' tensors; is this an InternVL2.5 checkpoint?")
+    if qwen.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    model = model.to_empty(device="cpu")
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=qwen)  # its inv_freq buffer was left on meta
+    load_strict(model, {k: v for k, v in state.items() if v is not None}, f"{folder} (language_model.*)")
+    if qwen.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype), tokenizer
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def build_model(config: ModelConfig, base: BaseWeights | dict | None = None) -> MedVLSAM2Model:
+    """Build the model; components named in ``base`` load their pretrained weights, the rest start random.
+
+    Raises:
+        WeightsError: a base file is missing, unreadable, or does not fit the configured geometry.
+    """
+    base = BaseWeights(base or {})
+    config = ModelConfig.from_dict(config.to_dict())  # a copy: the caller's config is not modified
+    tokenizer = language_model = None
+    if base.get("language"):
+        language_model, tokenizer = load_language_model(base["language"])
+        if tokenizer is not None:
+            from .language import build_tokenizer
+
+            config.language.tokenizer = str(base["language"])
+            tokenizer = build_tokenizer(config.language.tokenizer)
+    model = MedVLSAM2Model(config, tokenizer=tokenizer, language_model=language_model)
+    if base.get("vision"):
+        load_strict(model.vision, _torch_load(Path(base["vision"])), str(base["vision"]))
+    if base.get("sam2"):
+        checkpoint = _torch_load(Path(base["sam2"]))
+        if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+            raise WeightsError(f"{base['sam2']}: expected a SAM2 checkpoint with a 'model' entry.")
+        load_strict(model.segmenter.sam, checkpoint["model"], str(base["sam2"]))
+    return model
+
+
+def _saved_keys(model: MedVLSAM2Model, base: dict[str, str]) -> list[str]:
+    """Keys stored in our checkpoint: trainable tensors, and every tensor of a component without a base file."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    keys = []
+    for key in model.state_dict():
+        component = next((c for c, prefix in COMPONENT_PREFIXES.items() if key.startswith(prefix)), None)
+        adapter = "lora_" in key or "trainable_tokens" in key
+        if component is None or not base.get(component) or key in trainable or adapter:
+            keys.append(key)
+    return keys
+
+
+def save_checkpoint(model: MedVLSAM2Model, folder: str | os.PathLike, base: dict | None = None, *,
+                    overwrite: bool = False) -> Path:  # fmt: skip
+    """Write our checkpoint folder atomically (temporary folder, then rename).
+
+    Raises:
+        WeightsError: the folder exists and ``overwrite`` is false.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise WeightsError(f"{folder}: exists; choose a new folder or pass overwrite=True.")
+    base = {k: str(v) for k, v in (base or {}).items() if v}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        state = model.state_dict()
+        tensors = {k: state[k].detach().cpu().clone().contiguous() for k in _saved_keys(model, base)}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": str(CHECKPOINT_FORMAT)})
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta = {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "base_weights": base}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+def load_checkpoint(folder: str | os.PathLike) -> MedVLSAM2Model:
+    """Rebuild a model saved by :func:`save_checkpoint` (base files are read from their recorded paths).
+
+    Raises:
+        WeightsError: missing files, an unknown format, or tensors that do not fit the rebuilt model.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise WeightsError(f"{folder}: not a MedVLSAM2 checkpoint ({path.name} is missing).")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(
+            f"{folder}: checkpoint format {meta.get('format')!r}, this version reads {CHECKPOINT_FORMAT}."
+        )
+    config = ModelConfig.from_dict(meta["config"])
+    if (folder / "tokenizer").is_dir():
+        config.language.tokenizer = str(folder / "tokenizer")
+    model = build_model(config, meta.get("base_weights") or {})
+    saved = load_file(str(weights_path))
+    own = model.state_dict()
+    expected = set(_saved_keys(model, meta.get("base_weights") or {}))
+    unexpected, missing = sorted(set(saved) - set(own)), sorted(expected - set(saved))
+    if unexpected or missing:
+        raise WeightsError(
+            f"{weights_path}: {len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}) and {len(missing)} "
+            f"missing keys ({', '.join(missing[:5])}) for the model its config.json describes."
+        )
+    model.load_state_dict(saved, strict=False)
+    return model
+
+
+def parameter_table(model: MedVLSAM2Model) -> list[tuple[str, int, float]]:
+    """``(module, parameters, paper Table 8 in millions)`` for vision, projector, language and segmentation."""
+
+    def count(parameters: Any) -> int:
+        return sum(p.numel() for p in parameters)
+
+    lm = model.llm.get_base_model()
+    language = count(p for n, p in lm.named_parameters())
+    segmentation = count(model.seg_projector.parameters()) + count(model.segmenter.parameters())
+    return [
+        ("vision", count(model.vision.parameters()), PAPER_TABLE_M["vision"]),
+        ("projector", count(model.projector.parameters()), PAPER_TABLE_M["projector"]),
+        ("language", language, PAPER_TABLE_M["language"]),
+        ("segmentation", segmentation, PAPER_TABLE_M["segmentation"]),
+    ]

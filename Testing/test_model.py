@@ -1,0 +1,122 @@
+"""The unified model on the tiny preset: mixed batches, gradients, stage freezing, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.model.language import encode_conversation
+from MedVLSAM2Lib.model.medvlsam2 import STAGE_PARTS, Batch, MedVLSAM2Model, SegTarget
+from MedVLSAM2Lib.prompts import BoxPrompt, PointPrompt
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return MedVLSAM2Model(preset("tiny"))
+
+
+def _batch(model, conversations, targets):
+    config = model.config
+    rows = [encode_conversation(model.tokenizer, config.system_prompt, turns, config.projector.out_tokens)
+            for turns in conversations]  # fmt: skip
+    length = max(len(ids) for ids, _ in rows)
+    pad = model.tokens.pad
+    ids = torch.tensor([i + [pad] * (length - len(i)) for i, _ in rows])
+    labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in rows])
+    depth, height, width = config.vision.img_size
+    torch.manual_seed(1)
+    image = torch.rand(len(rows), 1, depth, height, width)
+    return Batch(image, image[:, 0].clone(), ids, mask, labels, targets)
+
+
+def _mixed_batch(model):
+    depth, height, width = model.config.vision.img_size
+    truth = torch.zeros(depth, height, width)
+    truth[5:11, 20:40, 24:44] = 1
+    points = (PointPrompt((30.0, 28.0, 7.0)), PointPrompt((5.0, 5.0, 7.0), label=0))
+    return _batch(
+        model,
+        [
+            [("Describe the findings of the medical image you see.", "Findings: no acute abnormality.")],
+            [("Can you segment the liver in this image?", "It is [SEG].")],
+            [("Segment the spleen here, please.", "Sure, [SEG].")],
+        ],
+        [[], [SegTarget(truth)], [SegTarget(truth, points=points, boxes=(BoxPrompt((20, 18, 6), (45, 42, 6)),))]],
+    )
+
+
+def _grad_norm(parameters):
+    return sum(float(p.grad.abs().sum()) for p in parameters if p.grad is not None)
+
+
+def test_mixed_batch_gives_finite_losses_and_gradients_everywhere_trained(tiny_model):
+    model = tiny_model
+    model.set_trainable(STAGE_PARTS[3])
+    model.zero_grad()
+    out = model(_mixed_batch(model))
+    for name in ("loss", "text_loss", "bce_loss", "dice_loss", "object_loss"):
+        assert torch.isfinite(getattr(out, name)), name
+    weights = model.config.loss
+    expected = weights.text_weight * out.text_loss + weights.mask_weight * (
+        out.bce_loss + weights.dice_weight * out.dice_loss + out.object_loss
+    )
+    torch.testing.assert_close(out.loss, expected)
+    assert out.mask_logits.shape == (2, *model.config.vision.img_size)
+    out.loss.backward()
+    assert _grad_norm(model.projector.parameters()) > 0
+    assert _grad_norm(p for n, p in model.llm.named_parameters() if "lora_" in n) > 0
+    assert _grad_norm(model.seg_projector.parameters()) > 0
+    assert _grad_norm(model.segmenter.sam.sam_mask_decoder.parameters()) > 0
+    delta = next(p for n, p in model.llm.named_parameters() if "trainable_tokens_delta" in n)
+    adapter = model.llm.base_model.model.model.embed_tokens.token_adapter
+    seg_row = adapter.token_indices["default"].index(model.tokens.seg)
+    assert delta.grad[seg_row].abs().sum() > 0  # the [SEG] embedding row learns
+    frozen_base = [p for n, p in model.llm.named_parameters() if "lora_" not in n and "trainable_tokens" not in n]
+    assert all(not p.requires_grad and p.grad is None for p in frozen_base)
+
+
+def test_stage_one_trains_the_projector_only(tiny_model):
+    model = tiny_model
+    model.set_trainable(STAGE_PARTS[1])
+    model.zero_grad()
+    model(_mixed_batch(model)).loss.backward()
+    assert _grad_norm(model.projector.parameters()) > 0
+    for module in (model.vision, model.llm, model.seg_projector, model.segmenter):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+    model.set_trainable(STAGE_PARTS[3])
+
+
+def test_batch_without_masks_keeps_every_trainable_parameter_in_the_graph(tiny_model):
+    model = tiny_model
+    model.set_trainable(STAGE_PARTS[3])
+    model.zero_grad()
+    batch = _batch(model, [[("Describe the findings.", "Findings: normal.")]], [[]])
+    model(batch).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []  # what DDP needs; the mask part of the loss is zero-weighted
+
+
+def test_seg_token_count_must_match_targets(tiny_model):
+    batch = _batch(tiny_model, [[("Segment the liver.", "It is [SEG].")]], [[]])
+    with pytest.raises(InputError, match=r"1 \[SEG\] tokens but 0 targets"):
+        tiny_model(batch)
+
+
+def test_generation_streams_and_segments_from_seg_tokens(tiny_model):
+    model = tiny_model.eval()
+    image = torch.rand(1, 1, *model.config.vision.img_size)
+    prompt = model.prompt_ids("Can you segment the liver in this image?")
+    pieces = []
+    answer = model.generate(image, prompt, max_new_tokens=6, on_token=pieces.append)
+    assert 1 <= len(answer) <= 6 and "".join(pieces) == model.tokenizer.decode(answer)
+    forced = model.tokenizer("It is [SEG].", add_special_tokens=False)["input_ids"]
+    probs = model.segment_answer(image, image[:, 0], prompt, forced)
+    assert probs.shape == (1, *model.config.vision.img_size) and 0 <= probs.min() and probs.max() <= 1
+    assert model.segment_answer(image, image[:, 0], prompt, model.tokenizer("No.")["input_ids"]) is None
+    beams = model.generate(image, prompt, max_new_tokens=4, num_beams=2)
+    assert 1 <= len(beams) <= 4
+    model.train()

@@ -1,0 +1,99 @@
+"""The parts of MedVL-SAM2 on tiny geometry: ViT, projectors, tokenizers and chat format, SAM2 over slices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from MedVLSAM2Lib.config import ProjectorConfig, preset
+from MedVLSAM2Lib.model.language import IGNORE_INDEX, ChatTokens, build_tokenizer, encode_conversation
+from MedVLSAM2Lib.model.projector import build_projector
+from MedVLSAM2Lib.model.segmenter import VolumeSegmenter, prepare_slices
+from MedVLSAM2Lib.model.vision import VisionEncoder3D
+
+
+def test_vision_encoder_drops_cls_and_keeps_m3d_clip_keys():
+    config = preset("tiny").vision
+    encoder = VisionEncoder3D(config)
+    tokens = encoder(torch.rand(2, 1, *config.img_size))
+    assert tokens.shape == (2, config.num_tokens, config.hidden_size)
+    keys = set(encoder.state_dict())
+    assert {"cls_token", "patch_embedding.position_embeddings", "patch_embedding.patch_embeddings.1.weight",
+            "blocks.0.attn.qkv.weight", "blocks.1.mlp.linear2.bias", "norm.weight"} <= keys  # fmt: skip
+    assert len(keys) == 4 + 11 * config.num_layers + 2  # exactly M3D-CLIP's layout (138 tensors for ViT-B)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = preset("tiny").vision
+    torch.manual_seed(0)
+    plain = VisionEncoder3D(config)
+    config.gradient_checkpointing = True
+    checkpointed = VisionEncoder3D(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    image = torch.rand(1, 1, *config.img_size)
+    for model in (plain, checkpointed):
+        model(image).square().sum().backward()
+    torch.testing.assert_close(plain.blocks[0].attn.qkv.weight.grad, checkpointed.blocks[0].attn.qkv.weight.grad)
+
+
+@pytest.mark.parametrize("kind", ["mixer", "mlp", "linear"])
+def test_projectors_map_vision_tokens_to_llm_tokens(kind):
+    projector = build_projector(
+        ProjectorConfig(kind=kind, out_tokens=16), tokens_in=64, channels_in=32, channels_out=48
+    )
+    assert projector(torch.rand(2, 64, 32)).shape == (2, 16, 48)
+
+
+def test_real_qwen2_tokenizer_round_trips_and_keeps_qwen_ids():
+    tokenizer = build_tokenizer("qwen")
+    tokens = ChatTokens.of(tokenizer)
+    assert (tokens.pad, tokens.im_start, tokens.im_end) == (151643, 151644, 151645)
+    assert tokens.seg == 151646 and tokens.image == 151647
+    text = "Findings: 3 mm nodule in the right lower lobe. 无 [SEG] <|im_end|>\n  indented"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer("[SEG]", add_special_tokens=False)["input_ids"] == [tokens.seg]
+    assert tokenizer("Hello world", add_special_tokens=False)["input_ids"] == [9707, 1879]  # Qwen2 BPE ranks
+
+
+def test_conversation_supervises_answers_only():
+    tokenizer = build_tokenizer("tiny")
+    ids, labels = encode_conversation(tokenizer, "sys", [("Segment the liver.", "It is [SEG]."), ("And?", "Done.")], 4)
+    tokens = ChatTokens.of(tokenizer)
+    assert ids.count(tokens.image) == 4 and len(ids) == len(labels)
+    supervised = tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
+    assert supervised == "It is [SEG].<|im_end|>Done.<|im_end|>"
+    prompt, _ = encode_conversation(tokenizer, "sys", [("Segment the liver.", None)], 4)
+    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def _segment(segmenter, volume, language):
+    segmenter.eval()
+    with torch.no_grad():
+        return torch.sigmoid(segmenter(segmenter.encode(prepare_slices(volume, 128)), language).mask_logits)
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_memory_carries_information_to_the_next_slice(memory):
+    """Changing slice k changes slice k+1's mask only when memory attention is on."""
+    torch.manual_seed(0)
+    segmenter = VolumeSegmenter(preset("tiny").segmenter, memory=memory)
+    volume = torch.rand(8, 64, 64)
+    language = torch.randn(1, 64)
+    k = 8 // 2  # the conditioning slice when no point/box prompt is given; slice k + 1 is tracked from it
+    changed = volume.clone()
+    changed[k] = torch.rand(64, 64)
+    before, after = _segment(segmenter, volume, language), _segment(segmenter, changed, language)
+    difference = (before[0, k + 1] - after[0, k + 1]).abs().max().item()
+    assert (difference > 1e-4) if memory else (difference == 0.0)
+    assert (before[0, k] - after[0, k]).abs().max().item() > 1e-4  # the changed slice itself always changes
+
+
+def test_segmenter_gradients_reach_the_language_token():
+    torch.manual_seed(0)
+    segmenter = VolumeSegmenter(preset("tiny").segmenter)
+    language = torch.randn(2, 64, requires_grad=True)
+    out = segmenter(segmenter.encode(prepare_slices(torch.rand(4, 64, 64), 128)), language)
+    assert out.mask_logits.shape == (2, 4, 32, 32) and out.object_logits.shape == (2, 4)
+    (out.mask_logits.clamp(-30, 30).mean() + out.object_logits.mean()).backward()
+    assert language.grad.abs().sum() > 0

@@ -1,0 +1,124 @@
+"""Loaders for the real checkpoint layouts (built here at tiny size) and our checkpoint round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.errors import WeightsError
+from MedVLSAM2Lib.model.language import build_tokenizer
+from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
+from MedVLSAM2Lib.model.segmenter import build_sam2
+from MedVLSAM2Lib.model.vision import VisionEncoder3D
+from MedVLSAM2Lib.model.weights import build_model, load_checkpoint, load_language_model, save_checkpoint
+
+
+def _m3d_clip_checkpoint(path, config):
+    """A file with M3D-CLIP's key layout (what `torch.save(vit.state_dict())` wrote for pretrained_ViT.bin)."""
+    from monai.networks.nets import ViT
+
+    vit = ViT(1, config.img_size, config.patch_size, config.hidden_size, config.mlp_dim, config.num_layers,
+              config.num_heads, proj_type="perceptron", classification=True)  # fmt: skip
+    state = {k: v for k, v in vit.state_dict().items() if "classification_head" not in k and "norm_cross_attn" not in k}
+    torch.save(state, path)
+    return state
+
+
+def test_m3d_clip_layout_loads_strictly_and_errors_name_the_key(tmp_path):
+    config = preset("tiny")
+    state = _m3d_clip_checkpoint(tmp_path / "pretrained_ViT.bin", config.vision)
+    model = build_model(config, {"vision": tmp_path / "pretrained_ViT.bin"})
+    torch.testing.assert_close(model.vision.state_dict()["blocks.1.attn.qkv.weight"], state["blocks.1.attn.qkv.weight"])
+    broken = dict(state)
+    broken.pop("norm.bias")
+    broken["cls_token"] = torch.zeros(1, 1, 7)
+    torch.save(broken, tmp_path / "broken.bin")
+    encoder = VisionEncoder3D(config.vision)
+    from MedVLSAM2Lib.model.weights import _torch_load, load_strict
+
+    with pytest.raises(WeightsError, match=r"1 missing keys: norm\.bias.*cls_token: checkpoint \(1, 1, 7\)"):
+        load_strict(encoder, _torch_load(tmp_path / "broken.bin"), "broken.bin")
+    with pytest.raises(WeightsError, match="no such checkpoint file"):
+        build_model(config, {"vision": tmp_path / "absent.bin"})
+
+
+def test_sam2_checkpoint_layout_loads_strictly(tmp_path):
+    config = preset("tiny")
+    torch.manual_seed(3)
+    reference = build_sam2(config.segmenter)
+    torch.save({"model": reference.state_dict()}, tmp_path / "sam2.1_hiera_tiny.pt")
+    model = build_model(config, {"sam2": tmp_path / "sam2.1_hiera_tiny.pt"})
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.segmenter.sam.state_dict()[key], value)
+    torch.save(reference.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(WeightsError, match="expected a SAM2 checkpoint with a 'model' entry"):
+        build_model(config, {"sam2": tmp_path / "bare.pt"})
+
+
+def _internvl_folder(folder, config):
+    """A folder with InternVL2.5's layout: llm_config in config.json, language_model.* tensors, tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer("tiny")
+    qwen = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(5)
+    lm = Qwen2ForCausalLM(qwen)
+    folder.mkdir()
+    tensors = {f"language_model.{k}": v.clone() for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    tensors["vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)  # InternViT: ignored
+    tensors["mlp1.0.weight"] = torch.zeros(4)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"],
+                                                    "llm_config": qwen.to_dict(), "vision_config": {}}))  # fmt: skip
+    tokenizer.save_pretrained(str(folder))
+    return lm
+
+
+def test_internvl_folder_loads_its_language_model(tmp_path):
+    reference = _internvl_folder(tmp_path / "InternVL2_5-4B", preset("tiny"))
+    lm, tokenizer = load_language_model(tmp_path / "InternVL2_5-4B")
+    assert tokenizer is not None
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(lm.state_dict()[key], value)
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(lm(ids).logits, reference(ids).logits)  # rotary buffers rebuilt, tied head
+    model = build_model(preset("tiny"), {"language": tmp_path / "InternVL2_5-4B"})
+    assert model.llm.get_base_model().config.hidden_size == 64
+
+
+def test_internvl_folder_without_language_tensors_is_refused(tmp_path):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    save_file({"vision_model.x": torch.zeros(2)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"llm_config": {"hidden_size": 64}}))
+    with pytest.raises(WeightsError, match=r"no 'language_model\.\*' tensors"):
+        load_language_model(folder)
+
+
+def test_checkpoint_round_trips_bit_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = MedVLSAM2Model(preset("tiny"))
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    torch.manual_seed(99)  # a different random init underneath
+    loaded = load_checkpoint(folder)
+    reference = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    expected = model.config.to_dict()
+    expected["language"]["tokenizer"] = str(folder / "tokenizer")  # the saved tokenizer is used on reload
+    assert loaded.config.to_dict() == expected
+    with pytest.raises(WeightsError, match="exists"):
+        save_checkpoint(model, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="model.safetensors is missing"):
+        load_checkpoint(folder)
