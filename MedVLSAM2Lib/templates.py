@@ -13,11 +13,11 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
+from .jsonfile import read_json
 
 __all__ = ["SEG_TOKEN", "Templates", "load_templates", "TermDictionary", "segmentation_prompt", "report_prompt"]
 
@@ -80,13 +80,7 @@ class TermDictionary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TermDictionary:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise InputError(f"{path}: no such term dictionary file.") from err
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}: not valid JSON ({err}).") from err
+        data = read_json(path, "term dictionary")
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a JSON object of category -> [descriptions].")
         return cls(data)

@@ -12,6 +12,7 @@ LIGHT_MODULES = [
     "MedVLSAM2Lib",
     "MedVLSAM2Lib.errors",
     "MedVLSAM2Lib.config",
+    "MedVLSAM2Lib.jsonfile",
     "MedVLSAM2Lib.volume",
     "MedVLSAM2Lib.prompts",
     "MedVLSAM2Lib.preprocess",
@@ -30,6 +31,14 @@ def test_library_modules_import_with_heavy_packages_blocked():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_model_modules_import_without_touching_sam2():
+    """sam2 initialises Hydra when imported: only building a segmenter may import it."""
+    code = "import sys\nimport MedVLSAM2Lib.model.weights\nprint('sam2' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_slicer_module_top_level_imports_are_stdlib_and_slicer_only():

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..jsonfile import read_json
 from ..volume import Volume, read_volume
 
 __all__ = [
@@ -279,14 +280,7 @@ def iter_vqa(path: str | os.PathLike) -> Iterator[VQASample]:
             (the message names the record index).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such VQA file.")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err}).") from err
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err}).") from err
+    records = read_json(path, "VQA")
     if not isinstance(records, list):
         raise InputError(f"{path}: expected a JSON list of VQA records.")
     for index, record in enumerate(records):

@@ -9,7 +9,6 @@ category ``labels[str(c + 1)]``. Cases are loaded one at a time, on request.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zipfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..jsonfile import read_json
 from ..volume import Volume
 
 __all__ = ["M3DSegCase", "M3DSegDataset", "parse_mask_shape", "load_dataset_info"]
@@ -37,11 +37,7 @@ def parse_mask_shape(path: str | os.PathLike) -> tuple[int, int, int, int]:
 
 def load_dataset_info(path: str | os.PathLike) -> dict[str, list[str]]:
     """M3D's ``dataset_info``: dataset code → ordered category list (channel i = category i)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read dataset info ({err}).") from err
+    data = read_json(path, "dataset info")
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise InputError(f"{path}: expected a JSON object of dataset code -> [category names].")
     return data
@@ -111,12 +107,9 @@ class M3DSegDataset:
         self.root = Path(root)
         self.code = code
         self.json_path = self.root / code / f"{code}.json"
-        try:
-            self.description = json.loads(self.json_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise InputError(f"{self.json_path}: no dataset JSON; expected <root>/{code}/{code}.json.") from err
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{self.json_path}: not valid JSON ({err}).") from err
+        if not self.json_path.is_file():
+            raise InputError(f"{self.json_path}: no dataset JSON; expected <root>/{code}/{code}.json.")
+        self.description = read_json(self.json_path, "dataset JSON")
         if not isinstance(self.description, dict):
             raise InputError(f"{self.json_path}: expected a JSON object with 'labels', 'train' and 'test'.")
         labels = self.description.get("labels")

@@ -11,13 +11,10 @@ Token rules (used identically in training and inference):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..config import LanguageConfig
 from ..errors import InputError
@@ -210,12 +207,3 @@ def apply_lora(model: Any, config: LanguageConfig, new_token_ids: list[int]) -> 
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
-
-
-def tokenizer_spec_exists(spec: str | os.PathLike) -> bool:
-    """Whether a tokenizer spec names something that can be built here."""
-    return str(spec) in ("qwen", "tiny") or Path(spec).is_dir()
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

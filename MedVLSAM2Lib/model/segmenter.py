@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,7 @@ def build_sam2(config: SegmenterConfig) -> nn.Module:
         multimask_output_for_tracking=False,
         compile_image_encoder=False,
     )
-    sam.sam_prompt_encoder.__class__ = LanguagePromptEncoder  # adds behaviour only: same parameters and keys
+    sam.sam_prompt_encoder.__class__ = language_prompt_encoder_class()  # adds behaviour only: same parameters, keys
     # A random model starts by scoring every slice "object present", so that masks get gradient from the first
     # step (loading a checkpoint overwrites this bias).
     with torch.no_grad():
@@ -117,25 +118,25 @@ def build_sam2(config: SegmenterConfig) -> nn.Module:
     return sam
 
 
-def _language_prompt_encoder_base() -> type:
-    from sam2.modeling.sam.prompt_encoder import PromptEncoder
+@cache
+def language_prompt_encoder_class() -> type:
+    """SAM2's ``PromptEncoder`` subclass that appends ``language_tokens`` (``(B, k, d)``) to the sparse embeddings.
 
-    return PromptEncoder
-
-
-class LanguagePromptEncoder(_language_prompt_encoder_base()):
-    """SAM2's prompt encoder that appends ``language_tokens`` (``(B, k, d)``) to the sparse embeddings.
-
+    Defined on first use so that importing this module does not import ``sam2`` (which initialises Hydra).
     ``language_tokens`` is set by :class:`VolumeSegmenter` for the duration of one volume pass.
     """
+    from sam2.modeling.sam.prompt_encoder import PromptEncoder
 
-    language_tokens: torch.Tensor | None = None
+    class LanguagePromptEncoder(PromptEncoder):
+        language_tokens: torch.Tensor | None = None
 
-    def forward(self, points, boxes, masks):  # noqa: D102 (same contract as PromptEncoder.forward)
-        sparse, dense = super().forward(points, boxes, masks)
-        if self.language_tokens is not None:
-            sparse = torch.cat([sparse, self.language_tokens.to(sparse.dtype)], dim=1)
-        return sparse, dense
+        def forward(self, points, boxes, masks):  # noqa: ANN001, ANN201 (same contract as PromptEncoder.forward)
+            sparse, dense = super().forward(points, boxes, masks)
+            if self.language_tokens is not None:
+                sparse = torch.cat([sparse, self.language_tokens.to(sparse.dtype)], dim=1)
+            return sparse, dense
+
+    return LanguagePromptEncoder
 
 
 def prepare_slices(volume: torch.Tensor, image_size: int) -> torch.Tensor:
