@@ -119,4 +119,8 @@ def test_generation_streams_and_segments_from_seg_tokens(tiny_model):
     assert model.segment_answer(image, image[:, 0], prompt, model.tokenizer("No.")["input_ids"]) is None
     beams = model.generate(image, prompt, max_new_tokens=4, num_beams=2)
     assert 1 <= len(beams) <= 4
+    torch.manual_seed(0)
+    first = model.generate(image, prompt, max_new_tokens=5, do_sample=True, temperature=1.5)
+    torch.manual_seed(0)
+    assert model.generate(image, prompt, max_new_tokens=5, do_sample=True, temperature=1.5) == first
     model.train()

@@ -122,3 +122,30 @@ def test_checkpoint_round_trips_bit_exactly(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="model.safetensors is missing"):
         load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("variant,yaml", [("tiny", "sam2.1_hiera_t.yaml"), ("large", "sam2.1_hiera_l.yaml")])
+def test_our_sam2_build_has_the_official_checkpoint_layout(variant, yaml):
+    """Same keys and shapes as sam2's own Hydra build from its packaged SAM2.1 config: released checkpoints load."""
+    from sam2.build_sam import build_sam2 as official_build
+
+    from MedVLSAM2Lib.config import SegmenterConfig
+
+    official = official_build(f"configs/sam2.1/{yaml}", ckpt_path=None, device="cpu", mode="eval").state_dict()
+    ours = build_sam2(SegmenterConfig(variant=variant, image_size=1024)).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in official.items()}
+
+
+def test_plain_hugging_face_folder_loads_with_its_tokenizer(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer("tiny")
+    qwen = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    reference = Qwen2ForCausalLM(qwen)
+    reference.save_pretrained(str(tmp_path / "lm"))
+    tokenizer.save_pretrained(str(tmp_path / "lm"))
+    lm, loaded_tokenizer = load_language_model(tmp_path / "lm")
+    assert loaded_tokenizer is not None and len(loaded_tokenizer) == len(tokenizer)
+    ids = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(lm(ids).logits, reference(ids).logits)
