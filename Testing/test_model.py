@@ -92,12 +92,23 @@ def test_stage_one_trains_the_projector_only(tiny_model):
 
 def test_batch_without_masks_keeps_every_trainable_parameter_in_the_graph(tiny_model):
     model = tiny_model
-    model.set_trainable(STAGE_PARTS[3])
+    model.set_trainable(STAGE_PARTS[3] | {"sam_memory", "sam_image_encoder"})
     model.zero_grad()
     batch = _batch(model, [[("Describe the findings.", "Findings: normal.")]], [[]])
     model(batch).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []  # what DDP needs; the mask part of the loss is zero-weighted
+    model.set_trainable(STAGE_PARTS[3])
+
+
+def test_sam2_parts_cover_every_used_parameter_once(tiny_model):
+    from MedVLSAM2Lib.model.medvlsam2 import UNUSED_SAM2
+
+    groups = [tiny_model.part_parameters(p) for p in ("sam_decoder", "sam_memory", "sam_image_encoder")]
+    ids = [id(p) for group in groups for p in group]
+    assert len(ids) == len(set(ids))  # disjoint
+    used = {id(p) for n, p in tiny_model.segmenter.sam.named_parameters() if not n.startswith(UNUSED_SAM2)}
+    assert set(ids) == used
 
 
 def test_seg_token_count_must_match_targets(tiny_model):

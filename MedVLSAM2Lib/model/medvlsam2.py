@@ -26,13 +26,19 @@ __all__ = ["SegTarget", "Batch", "MedVLSAM2Output", "SegTokenProjector", "MedVLS
 
 logger = logging.getLogger(__name__)
 
-# Trainable parts per training stage (paper): 1 projector; 2 + ViT + LoRA; 3 + the segmentation path.
+# Trainable parts per training stage (paper): 1 projector; 2 + ViT + LoRA (with the new token rows);
+# 3 + the [SEG] projector and SAM2's mask decoder ("sam_memory", SAM2's memory path, is an option on top).
 STAGE_PARTS: dict[int, frozenset[str]] = {
     1: frozenset({"projector"}),
     2: frozenset({"projector", "vision", "lora"}),
-    3: frozenset({"projector", "vision", "lora", "seg_projector", "sam_heads"}),
+    3: frozenset({"projector", "vision", "lora", "seg_projector", "sam_decoder"}),
 }
-ALL_PARTS = frozenset({"projector", "vision", "lora", "seg_projector", "sam_heads", "sam_image_encoder"})
+ALL_PARTS = frozenset(
+    {"projector", "vision", "lora", "seg_projector", "sam_decoder", "sam_memory", "sam_image_encoder"}
+)
+SAM2_DECODER = ("sam_mask_decoder.", "sam_prompt_encoder.")
+SAM2_MEMORY = ("memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_mem_embed", "no_obj_ptr",
+               "no_obj_embed_spatial", "obj_ptr_proj.", "obj_ptr_tpos_proj.")  # fmt: skip
 # SAM2 parameters our pipeline never uses (mask-input prompts, the IoU head of multimask selection, the
 # unused no-memory positional encoding). They stay frozen so that no trainable parameter lacks a gradient
 # (distributed training requires that).
@@ -141,12 +147,9 @@ class MedVLSAM2Model(nn.Module):
             return [p for n, p in self.llm.named_parameters() if "lora_" in n or "trainable_tokens_delta" in n]
         if part == "sam_image_encoder":
             return list(sam.image_encoder.parameters())
-        if part == "sam_heads":
-            return [
-                p
-                for n, p in sam.named_parameters()
-                if not n.startswith("image_encoder.") and not n.startswith(UNUSED_SAM2)
-            ]
+        if part in ("sam_decoder", "sam_memory"):
+            prefixes = SAM2_DECODER if part == "sam_decoder" else SAM2_MEMORY
+            return [p for n, p in sam.named_parameters() if n.startswith(prefixes) and not n.startswith(UNUSED_SAM2)]
         raise InputError(f"unknown trainable part {part!r}; parts are {sorted(ALL_PARTS)}.")
 
     def set_trainable(self, parts: frozenset[str] | set[str]) -> None:
