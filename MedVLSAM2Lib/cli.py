@@ -154,6 +154,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .config import preset
+    from .data import ctrate, m3dseg
+    from .data.cache import prepare
+    from .preprocess import GridConfig
+
+    config = preset(args.preset)
+    if args.dataset == "m3dseg":
+        items = m3dseg.cache_items(m3dseg.M3DSegDataset(args.source, args.code), args.split)
+    else:
+        metadata = ctrate.load_metadata(args.metadata) if args.metadata else None
+        items = ctrate.cache_items(args.source, args.reports, fixed=not args.v1, metadata=metadata)
+    with tqdm(total=len(items), unit="volume", desc=f"prepare {args.dataset}", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.n = done
+            bar.set_postfix_str(name)
+            bar.refresh()
+
+        window = None if args.dataset == "m3dseg" else config.segmenter.window  # M3D-Seg images are z-scored, not HU
+        entries = prepare(items, args.destination, GridConfig(spatial_size=config.vision.img_size), window,
+                          workers=args.workers, on_progress=progress)  # fmt: skip
+    print(f"prepared    {len(entries)} volumes in {args.destination} (grid {config.vision.img_size})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medvlsam2", description="MedVL-SAM2: 3D CT report generation, VQA and segmentation."
@@ -167,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", default="right lung", help="segment to synthesise prompts on")
     demo.add_argument("--seed", type=int, default=0, help="random seed for prompt synthesis")
     demo.set_defaults(run=_demo)
+    prep = commands.add_parser("prepare", help="convert a dataset once to model-grid tensors (resumable)")
+    prep.add_argument("dataset", choices=["ctrate", "m3dseg"])
+    prep.add_argument("source", help="CT-RATE 'dataset' folder, or the M3D_Seg root")
+    prep.add_argument("destination", help="cache folder (resumes if it exists)")
+    prep.add_argument("--preset", default="paper", choices=["tiny", "small", "paper"], help="model grid to use")
+    prep.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    prep.add_argument("--code", help="M3D-Seg dataset code, e.g. 0011")
+    prep.add_argument("--split", default="train", choices=["train", "test"], help="M3D-Seg split")
+    prep.add_argument("--reports", help="CT-RATE reports CSV listing the volumes")
+    prep.add_argument("--metadata", help="CT-RATE metadata CSV (needed with --v1)")
+    prep.add_argument("--v1", action="store_true", help="read the v1 volumes (rescaled with the metadata), not *_fixed")
+    prep.set_defaults(run=_prepare)
     doctor = commands.add_parser("doctor", help="print versions, devices and import checks")
     doctor.add_argument(
         "--preset", choices=["tiny", "small", "paper"], help="also print a preset's parameters per module"
@@ -183,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "demo" and bool(args.volume) != bool(args.segmentation):
         print("medvlsam2 demo: give --volume and --segmentation together", file=sys.stderr)
+        return 2
+    if args.command == "prepare" and not (args.code if args.dataset == "m3dseg" else args.reports):
+        print(f"medvlsam2 prepare: {args.dataset} needs {'--code' if args.dataset == 'm3dseg' else '--reports'}",
+              file=sys.stderr)  # fmt: skip
         return 2
     try:
         return args.run(args)

@@ -42,6 +42,7 @@ __all__ = [
     "volume_path",
     "is_fixed_volume",
     "load_ctrate_volume",
+    "cache_items",
 ]
 
 logger = logging.getLogger(__name__)
@@ -341,3 +342,28 @@ def load_ctrate_volume(path: str | os.PathLike, metadata: ScanMetadata | None = 
     volume = Volume(hu, affine, dict(volume.metadata))
     volume.metadata["hu_rescale"] = f"{metadata.rescale_slope} * x + {metadata.rescale_intercept} (v1 metadata)"
     return volume
+
+
+def _load_for_cache(path: Path, metadata: ScanMetadata | None) -> tuple[Volume, None]:
+    return load_ctrate_volume(path, metadata), None
+
+
+def cache_items(root: str | os.PathLike, reports: str | os.PathLike, *, fixed: bool = True,
+                metadata: dict[str, ScanMetadata] | None = None) -> list:  # fmt: skip
+    """Cache items for the volumes named in a reports CSV (v2 ``*_fixed`` by default; v1 needs ``metadata``).
+
+    Raises:
+        InputError: a listed volume file does not exist (named), before anything is converted.
+    """
+    from functools import partial
+
+    from .cache import CacheItem
+
+    items = []
+    for report in iter_reports(reports):
+        name = report.volume_name.split(".")[0]
+        path = volume_path(root, name, fixed=fixed)
+        if not path.is_file():
+            raise InputError(f"{path}: volume {name!r} listed in {reports} is missing.")
+        items.append(CacheItem(name, partial(_load_for_cache, path, (metadata or {}).get(name))))
+    return items

@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..jsonfile import read_json
 from ..volume import Volume
 
-__all__ = ["M3DSegCase", "M3DSegDataset", "parse_mask_shape", "load_dataset_info"]
+__all__ = ["M3DSegCase", "M3DSegDataset", "parse_mask_shape", "load_dataset_info", "cache_items"]
 
 MASK_NAME = re.compile(r"^mask_\((\d+), (\d+), (\d+), (\d+)\)\.npz$")
 
@@ -141,3 +141,17 @@ class M3DSegDataset:
                     f"in {self.json_path.name}."
                 )
             yield M3DSegCase(image_path.parent.name, image_path, mask_path, self.categories)
+
+
+def _load_case(case: M3DSegCase) -> tuple[Volume, dict[str, np.ndarray]]:
+    masks = case.load_masks()  # (C, X, Y, Z)
+    return case.to_volume(), {c: masks[n].transpose(2, 1, 0) for n, c in enumerate(case.categories)}
+
+
+def cache_items(dataset: M3DSegDataset, split: str = "train") -> list:
+    """Cache items (see :mod:`MedVLSAM2Lib.data.cache`) for every case of a split, named ``<code>_<case>``."""
+    from functools import partial
+
+    from .cache import CacheItem
+
+    return [CacheItem(f"{dataset.code}_{case.name}", partial(_load_case, case)) for case in dataset.cases(split)]

@@ -1,0 +1,103 @@
+"""The preprocessing cache: exact model-grid tensors, resume, parallel workers, checksums."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+
+from MedVLSAM2Lib.cli import main
+from MedVLSAM2Lib.data.cache import CacheItem, VolumeCache, prepare
+from MedVLSAM2Lib.data.ctrate import cache_items as ctrate_items
+from MedVLSAM2Lib.data.m3dseg import M3DSegDataset
+from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, to_model
+from MedVLSAM2Lib.volume import read_volume, write_volume
+
+pytestmark = pytest.mark.realdata
+GRID = GridConfig(spatial_size=(16, 64, 64))
+WINDOW = (-160.0, 240.0)
+
+
+def _load_pair(ct_path, labels_path, names):
+    labels = read_volume(labels_path).array
+    return read_volume(ct_path), {name: labels == value for name, value in names.items()}
+
+
+def _subject_items(subject_a, total_labels):
+    names = {n: total_labels[n] for n in ("liver", "spleen", "kidney_left", "kidney_right")}
+    ct_sm = partial(_load_pair, subject_a / "example_ct_sm.nii.gz", subject_a / "example_seg.nii.gz", names)
+    ct = partial(_load_pair, subject_a / "example_ct.nii.gz", subject_a / "example_seg_fast_force_split.nii.gz", names)
+    return [CacheItem("subjectA_sm", ct_sm), CacheItem("subjectA", ct)]
+
+
+def test_cache_reproduces_the_model_grid_tensors_exactly(subject_a, total_labels, tmp_path):
+    items = _subject_items(subject_a, total_labels)
+    prepare(items, tmp_path / "cache", GRID, WINDOW, workers=2)
+    cache = VolumeCache(tmp_path / "cache")
+    cache.verify()
+    volume, masks = items[1].load()
+    image, record = to_model(volume, GRID)
+    windowed, _ = to_model(volume, GridConfig(spatial_size=GRID.spatial_size, intensity="window", window=WINDOW))
+    cached = cache.load("subjectA")
+    np.testing.assert_array_equal(cached.image, image)
+    np.testing.assert_array_equal(cached.sam_image, windowed)
+    assert cached.record == record and cached.categories == list(masks)
+    for n, mask in enumerate(masks.values()):
+        np.testing.assert_array_equal(cached.masks[n], mask_to_model(mask.astype(np.uint8), record))
+
+
+def test_prepare_resumes_and_skips_finished_volumes(subject_a, total_labels, tmp_path):
+    items = _subject_items(subject_a, total_labels)
+    folder = tmp_path / "cache"
+    prepare(items[:1], folder, GRID, WINDOW)  # an interrupted run: one volume done
+    first = (folder / "volumes" / "subjectA_sm.npz").stat().st_mtime_ns
+    written = []
+    prepare(items, folder, GRID, WINDOW, on_progress=lambda done, total, name: written.append((done, total, name)))
+    assert written == [(2, 2, "subjectA")]  # only the missing volume was converted
+    assert (folder / "volumes" / "subjectA_sm.npz").stat().st_mtime_ns == first
+    with pytest.raises(InputError, match="other settings"):
+        prepare(items, folder, GridConfig(spatial_size=(8, 32, 32)), WINDOW)
+
+
+def test_corrupt_cached_file_is_named_before_training(subject_a, total_labels, tmp_path):
+    prepare(_subject_items(subject_a, total_labels)[:1], tmp_path / "cache", GRID, WINDOW)
+    path = tmp_path / "cache" / "volumes" / "subjectA_sm.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"subjectA_sm\.npz: checksum mismatch"):
+        VolumeCache(tmp_path / "cache").verify()
+
+
+def test_prepare_command_converts_the_m3d_seg_case(data_dir, tmp_path, capsys):
+    root = data_dir / "m3d" / "m3d_seg_format_demo"
+    args = ["prepare", "m3dseg", str(root), str(tmp_path / "cache"), "--code", "demo_totalseg", "--preset", "tiny"]
+    assert main(args) == 0
+    assert "prepared    1 volumes" in capsys.readouterr().out
+    cached = VolumeCache(tmp_path / "cache").load("demo_totalseg_example_ct_sm")
+    case = next(M3DSegDataset(root, "demo_totalseg").cases())
+    assert cached.masks.shape == (117, 16, 64, 64) and len(cached.categories) == 117
+    np.testing.assert_array_equal(cached.sam_image, cached.image)  # z-scored data: no HU window
+    expected, _ = to_model(case.to_volume(), GRID)
+    np.testing.assert_array_equal(cached.image, expected)
+    assert main(["prepare", "m3dseg", str(root), str(tmp_path / "other")]) == 2  # --code is required
+
+
+def test_ctrate_items_name_a_missing_volume(subject_a, tmp_path):
+    reports = tmp_path / "reports.csv"
+    reports.write_text(
+        "VolumeName,ClinicalInformation_EN,Technique_EN,Findings_EN,Impressions_EN\n"
+        "valid_1_a_1.nii.gz,Not given.,CT,Normal.,Normal.\nvalid_2_a_1.nii.gz,Not given.,CT,Normal.,Normal.\n"
+    )
+    from MedVLSAM2Lib.data.ctrate import volume_path
+
+    write_volume(read_volume(subject_a / "example_ct_sm.nii.gz"), volume_path(tmp_path, "valid_1_a_1"))
+    with pytest.raises(
+        InputError, match=r"valid_2_a_1\.nii\.gz: volume 'valid_2_a_1' listed in .*reports\.csv is missing"
+    ):
+        ctrate_items(tmp_path, reports)
+    reports.write_text(reports.read_text().splitlines()[0] + "\n" + reports.read_text().splitlines()[1] + "\n")
+    entries = prepare(ctrate_items(tmp_path, reports), tmp_path / "cache", GRID, WINDOW)
+    assert list(entries) == ["valid_1_a_1"] and entries["valid_1_a_1"]["categories"] == []
