@@ -135,3 +135,16 @@ def test_generation_streams_and_segments_from_seg_tokens(tiny_model):
     torch.manual_seed(0)
     assert model.generate(image, prompt, max_new_tokens=5, do_sample=True, temperature=1.5) == first
     model.train()
+
+
+def test_only_the_new_answer_seg_tokens_are_segmented_and_typed_seg_is_text(tiny_model):
+    model = tiny_model.eval()
+    image = torch.rand(1, 1, *model.config.vision.img_size)
+    history = (("Can you segment the liver in this image?", "It is [SEG]."),)
+    prompt = model.prompt_ids("And the spleen?", history)
+    assert prompt.count(model.tokens.seg) == 1  # the earlier answer's
+    answer = model.tokenizer("Sure, [SEG].", add_special_tokens=False)["input_ids"]
+    assert model.segment_answer(image, image[:, 0], prompt, answer).shape[0] == 1
+    typed = model.prompt_ids("What does [SEG] mean?")
+    assert model.tokens.seg not in typed  # a user typing "[SEG]" does not trigger segmentation
+    model.train()

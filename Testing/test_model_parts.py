@@ -97,3 +97,16 @@ def test_segmenter_gradients_reach_the_language_token():
     assert out.mask_logits.shape == (2, 4, 32, 32) and out.object_logits.shape == (2, 4)
     (out.mask_logits.clamp(-30, 30).mean() + out.object_logits.mean()).backward()
     assert language.grad.abs().sum() > 0
+
+
+def test_backward_sweep_does_not_read_slices_beyond_the_conditioning_slice():
+    torch.manual_seed(0)
+    segmenter = VolumeSegmenter(preset("tiny").segmenter)
+    volume = torch.rand(8, 64, 64)
+    language = torch.randn(1, 64)
+    c = 8 // 2
+    changed = volume.clone()
+    changed[c + 2] = torch.rand(64, 64)
+    before, after = _segment(segmenter, volume, language), _segment(segmenter, changed, language)
+    assert torch.equal(before[0, : c + 1], after[0, : c + 1])  # slices <= c never see slice c + 2
+    assert not torch.equal(before[0, c + 3], after[0, c + 3])  # but slice c + 3 does, through memory

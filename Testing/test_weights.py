@@ -149,3 +149,25 @@ def test_plain_hugging_face_folder_loads_with_its_tokenizer(tmp_path):
     assert loaded_tokenizer is not None and len(loaded_tokenizer) == len(tokenizer)
     ids = torch.tensor([[3, 4, 5]])
     torch.testing.assert_close(lm(ids).logits, reference(ids).logits)
+
+
+def test_stage_one_checkpoint_with_base_weights_reloads(tmp_path, monkeypatch):
+    from MedVLSAM2Lib.model.medvlsam2 import STAGE_PARTS
+
+    config = preset("tiny")
+    _m3d_clip_checkpoint(tmp_path / "vit.bin", config.vision)
+    torch.save({"model": build_sam2(config.segmenter).state_dict()}, tmp_path / "sam2.pt")
+    monkeypatch.chdir(tmp_path)  # relative base paths are stored absolute
+    base = {"vision": "vit.bin", "sam2": "sam2.pt"}
+    model = build_model(config, base)
+    model.set_trainable(STAGE_PARTS[1])
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(1.0)
+    folder = save_checkpoint(model, tmp_path / "stage1", base)
+    meta = json.loads((folder / "config.json").read_text())
+    assert all(not k.startswith(("vision.", "segmenter.sam.")) for k in meta["tensors"])  # base parts by reference
+    monkeypatch.chdir("/")
+    loaded = load_checkpoint(folder)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

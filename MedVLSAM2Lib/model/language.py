@@ -127,8 +127,9 @@ def build_tokenizer(spec: str) -> Any:
     return tokenizer
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _ids(tokenizer: Any, text: str, literal: bool = False) -> list[int]:
+    """Token ids of ``text``; ``literal`` (user text) keeps e.g. a typed "[SEG]" as plain characters."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
 
 
 def encode_conversation(
@@ -157,7 +158,8 @@ def encode_conversation(
         user = [tokens.im_start, *_ids(tokenizer, "user\n")]
         if n == 0:
             user += [tokens.image] * num_image_tokens + newline
-        user += [*_ids(tokenizer, question), tokens.im_end, *newline, tokens.im_start, *_ids(tokenizer, "assistant\n")]
+        user += [*_ids(tokenizer, question, literal=True), tokens.im_end, *newline, tokens.im_start,
+                 *_ids(tokenizer, "assistant\n")]  # fmt: skip
         ids += user
         labels += [IGNORE_INDEX] * len(user)
         if answer is None:

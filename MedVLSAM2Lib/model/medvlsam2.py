@@ -181,7 +181,8 @@ class MedVLSAM2Model(nn.Module):
         counts = is_image.sum(dim=1)
         if torch.any(counts != expected):
             raise InputError(f"every sample needs {expected} <image> tokens, got {counts.tolist()}.")
-        visual = self.projector(self.vision(image)).to(embeds.dtype)  # (B, out_tokens, d_llm)
+        vision_dtype = self.vision.cls_token.dtype
+        visual = self.projector(self.vision(image.to(vision_dtype))).to(embeds.dtype)  # (B, out_tokens, d_llm)
         return embeds.masked_scatter(is_image[..., None], visual)
 
     def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -210,8 +211,8 @@ class MedVLSAM2Model(nn.Module):
         def pixel(w: float, h: float) -> list[float]:
             return ((torch.tensor([w, h]) + 0.5) * scale - 0.5).tolist()
 
-        for box in target.boxes:
-            z = min(max(round(box.min_ijk[2]), 0), depth - 1)
+        for box in target.boxes:  # a box spanning slices prompts its middle slice
+            z = min(max(round((box.min_ijk[2] + box.max_ijk[2]) / 2), 0), depth - 1)
             by_slice.setdefault(z, []).extend([(pixel(*box.min_ijk[:2]), 2), (pixel(*box.max_ijk[:2]), 3)])
         for point in target.points:
             z = min(max(round(point.ijk[2]), 0), depth - 1)
@@ -231,7 +232,8 @@ class MedVLSAM2Model(nn.Module):
         grid = tuple(sam_image.shape)
         device = seg_tokens.device
         features = self.segmenter.encode(prepare_slices(sam_image, self.config.segmenter.image_size))
-        language = self.seg_projector(seg_tokens)  # (n, d_sam)
+        # SAM2 runs in float32 (its position encodings build float32 tensors); use autocast for speed on GPU.
+        language = self.seg_projector(seg_tokens).float()  # (n, d_sam)
         masks: list[torch.Tensor | None] = [None] * len(targets)
         objects: list[torch.Tensor | None] = [None] * len(targets)
         plain = [n for n, t in enumerate(targets) if not (t.points or t.boxes)]
@@ -282,7 +284,7 @@ class MedVLSAM2Model(nn.Module):
                 raise InputError(f"sample {b}: {len(positions)} [SEG] tokens but {len(targets)} targets.")
             if targets:
                 logits, objects = self._segment_objects(batch.sam_image[b], hidden[b, positions], targets)
-                truth = torch.stack([t.mask.to(logits.dtype) for t in targets])
+                truth = torch.stack([t.mask.to(logits) for t in targets])
                 pairs.append(self._mask_losses(logits, objects, truth))
                 seg_logits.append(logits)
         if pairs:
@@ -355,6 +357,7 @@ class MedVLSAM2Model(nn.Module):
         """
         ids = torch.tensor([prompt_ids + answer_ids], device=image.device)
         positions = (ids[0] == self.tokens.seg).nonzero().flatten()
+        positions = positions[positions >= len(prompt_ids)]  # [SEG] of earlier turns belong to earlier answers
         if len(positions) == 0:
             return None
         hidden = self.hidden_states(self.embed(image, ids), torch.ones_like(ids))

@@ -150,6 +150,7 @@ def prepare_slices(volume: torch.Tensor, image_size: int) -> torch.Tensor:
         ``(D, 3, S, S)`` ImageNet-normalised slices.
     """
     slices = F.interpolate(volume[:, None].float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    # float32 on purpose: SAM2's position encodings are float32; run it under autocast for bf16 speed
     mean = torch.tensor(IMAGENET_MEAN, device=volume.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=volume.device).view(1, 3, 1, 1)
     return (slices.expand(-1, 3, -1, -1) - mean) / std
@@ -241,9 +242,13 @@ class VolumeSegmenter(nn.Module):
         for z in cond:
             outputs[z] = self._step(features, z, True, prompts.get(z), memory, batch, reverse=False)
             memory["cond_frame_outputs"][z] = outputs[z]
+        backward = {"cond_frame_outputs": memory["cond_frame_outputs"], "non_cond_frame_outputs": {}}
         for z, reverse in order:
-            outputs[z] = self._step(features, z, False, None, memory, batch, reverse=reverse)
-            memory["non_cond_frame_outputs"][z] = outputs[z]
+            # each direction keeps its own tracked memories (as MedSAM2 resets between directions): the
+            # backward sweep must not read slices beyond the conditioning slice as if they were behind it
+            bank = backward if reverse else memory
+            outputs[z] = self._step(features, z, False, None, bank, batch, reverse=reverse)
+            bank["non_cond_frame_outputs"][z] = outputs[z]
         return outputs
 
     def _step(

@@ -171,15 +171,16 @@ def save_checkpoint(model: MedVLSAM2Model, folder: str | os.PathLike, base: dict
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise WeightsError(f"{folder}: exists; choose a new folder or pass overwrite=True.")
-    base = {k: str(v) for k, v in (base or {}).items() if v}
+    base = {k: str(Path(v).resolve()) for k, v in (base or {}).items() if v}  # loadable from any directory
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         state = model.state_dict()
-        tensors = {k: state[k].detach().cpu().clone().contiguous() for k in _saved_keys(model, base)}
+        keys = _saved_keys(model, base)
+        tensors = {k: state[k].detach().cpu().clone().contiguous() for k in keys}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": str(CHECKPOINT_FORMAT)})
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        meta = {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "base_weights": base}
+        meta = {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "base_weights": base, "tensors": keys}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
@@ -214,7 +215,7 @@ def load_checkpoint(folder: str | os.PathLike) -> MedVLSAM2Model:
     model = build_model(config, meta.get("base_weights") or {})
     saved = load_file(str(weights_path))
     own = model.state_dict()
-    expected = set(_saved_keys(model, meta.get("base_weights") or {}))
+    expected = set(meta.get("tensors", []))  # what was trainable when it was saved
     unexpected, missing = sorted(set(saved) - set(own)), sorted(expected - set(saved))
     if unexpected or missing:
         raise WeightsError(

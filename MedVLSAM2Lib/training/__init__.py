@@ -1,0 +1,1 @@
+"""Training: stage plans, the training config, and (to come) the accelerate trainer."""

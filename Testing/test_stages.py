@@ -1,0 +1,53 @@
+"""Freeze plans per stage: exactly the paper's modules receive gradients and optimiser state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import _mixed_batch
+
+from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
+from MedVLSAM2Lib.training.stages import stage_plan, trainable_report
+
+EXPECTED = {
+    1: {"projector"},
+    2: {"projector", "vision", "lora"},
+    3: {"projector", "vision", "lora", "seg_projector", "sam_decoder"},
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MedVLSAM2Model(preset("tiny"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_only_the_stage_modules_get_gradients_and_optimiser_state(model, stage):
+    plan = stage_plan(stage)
+    model.set_trainable(plan.parts)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.zero_grad(set_to_none=True)
+    model(_mixed_batch(model)).loss.backward()
+    optimizer.step()
+    rows = {name: trainable for name, trainable, _ in trainable_report(model)}
+    assert {name for name, count in rows.items() if count} == EXPECTED[stage]
+    stateful = {id(p) for p in optimizer.state}
+    for part in ("vision", "projector", "lora", "seg_projector", "sam_decoder", "sam_memory", "sam_image_encoder"):
+        parameters = model.part_parameters(part)
+        if part in EXPECTED[stage]:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in parameters), part
+            assert all(id(p) in stateful for p in parameters), part
+        else:
+            assert all(p.grad is None and id(p) not in stateful for p in parameters), part
+    base = [p for n, p in model.llm.named_parameters() if "lora_" not in n and "trainable_tokens" not in n]
+    assert all(p.grad is None for p in base)  # the LLM's own weights never train
+
+
+def test_stage_three_can_add_sam2_memory():
+    assert "sam_memory" in stage_plan(3, train_sam_memory=True).parts
+    assert "sam_memory" not in stage_plan(2, train_sam_memory=True).parts
+    with pytest.raises(InputError, match="stage must be 1, 2 or 3"):
+        stage_plan(4)
