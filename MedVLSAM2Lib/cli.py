@@ -182,6 +182,31 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .training.config import load_train_config
+    from .training.trainer import train
+
+    overrides = {"preset": args.preset, "max_steps": args.max_steps, "output_dir": args.output_dir}
+    config = load_train_config(args.config, overrides)
+    bar = None
+
+    def progress(step: int, total: int, metrics: dict) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, initial=step - 1, unit="step", desc=f"stage {config.stage}", file=sys.stderr)
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.2f}")
+
+    result = train(config, resume=args.resume, on_step=progress)
+    if bar:
+        bar.close()
+    if result.final_checkpoint:
+        print(f"trained     {result.steps} steps; checkpoint {result.final_checkpoint}")
+        print(f"curves      {result.output_dir / 'metrics.csv'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medvlsam2", description="MedVL-SAM2: 3D CT report generation, VQA and segmentation."
@@ -207,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--metadata", help="CT-RATE metadata CSV (needed with --v1)")
     prep.add_argument("--v1", action="store_true", help="read the v1 volumes (rescaled with the metadata), not *_fixed")
     prep.set_defaults(run=_prepare)
+    trainer = commands.add_parser("train", help="run a training stage (single process or under accelerate launch)")
+    trainer.add_argument("--config", required=True, help="stage YAML, e.g. Training/stage1.yaml")
+    trainer.add_argument("--preset", choices=["tiny", "small", "paper"], help="override the config's preset")
+    trainer.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    trainer.add_argument("--output-dir", help="override the config's output_dir")
+    trainer.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    trainer.set_defaults(run=_train)
     doctor = commands.add_parser("doctor", help="print versions, devices and import checks")
     doctor.add_argument(
         "--preset", choices=["tiny", "small", "paper"], help="also print a preset's parameters per module"

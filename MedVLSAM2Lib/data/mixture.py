@@ -1,0 +1,154 @@
+"""Training samples drawn from the prepared caches with the paper's templates, and their collation.
+
+Sample ``i`` of an epoch is a pure function of ``(seed, epoch, i)``: the same index always gives the same
+task, volume, template and prompts, which is what makes resumed runs continue on the same loss curve.
+Tasks: ``report`` (CT-RATE report generation), ``vqa`` (one CT-CHAT turn), ``semantic`` (class name),
+``referring`` (a term-dictionary description instead of the name), ``interactive`` (class name plus
+synthesised points or a box on the model grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..model.language import IGNORE_INDEX, encode_conversation
+from ..model.medvlsam2 import Batch, SegTarget
+from ..prompts import BoxPrompt, PointPrompt, synthesize_box, synthesize_points
+from ..templates import TermDictionary, report_prompt, segmentation_prompt
+from .cache import VolumeCache
+
+__all__ = ["TASKS", "Sample", "TaskMixture", "collate"]
+
+TASKS = ("report", "vqa", "semantic", "referring", "interactive")
+
+
+@dataclass
+class Sample:
+    """One training sample before collation (tensors on CPU)."""
+
+    image: torch.Tensor  # (1, D, H, W)
+    sam_image: torch.Tensor  # (D, H, W)
+    input_ids: list[int]
+    labels: list[int]
+    targets: list[SegTarget] = field(default_factory=list)
+
+
+class TaskMixture(torch.utils.data.Dataset):
+    """A map-style dataset of ``samples_per_epoch`` samples mixing tasks with the given weights."""
+
+    def __init__(
+        self,
+        model_config,  # noqa: ANN001  (ModelConfig: system prompt, number of image tokens)
+        tokenizer,  # noqa: ANN001
+        task_weights: dict[str, float],
+        samples_per_epoch: int,
+        *,
+        seed: int = 0,
+        text_cache: VolumeCache | None = None,
+        reports: dict[str, str] | None = None,
+        vqa: dict[str, list[tuple[str, str]]] | None = None,
+        seg_cache: VolumeCache | None = None,
+        terms: TermDictionary | None = None,
+    ) -> None:
+        unknown = set(task_weights) - set(TASKS)
+        if unknown:
+            raise InputError(f"unknown task(s) {sorted(unknown)}; tasks are {list(TASKS)}.")
+        self.model_config, self.tokenizer = model_config, tokenizer
+        self.tasks = [t for t, w in task_weights.items() if w > 0]
+        if not self.tasks:
+            raise InputError("task_weights gives no task a positive weight.")
+        weights = np.array([task_weights[t] for t in self.tasks], dtype=float)
+        self.probabilities = weights / weights.sum()
+        self.samples_per_epoch, self.seed, self.epoch = samples_per_epoch, seed, 0
+        self.text_cache, self.seg_cache, self.terms = text_cache, seg_cache, terms
+        self.reports = {k: v for k, v in (reports or {}).items() if text_cache and k in text_cache.entries}
+        self.vqa = {k: v for k, v in (vqa or {}).items() if text_cache and k in text_cache.entries}
+        self.seg_volumes = [n for n, e in (seg_cache.entries.items() if seg_cache else []) if e["present"]]
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        needs = {"report": self.reports, "vqa": self.vqa}
+        for task in self.tasks:
+            if task in needs and not needs[task]:
+                raise InputError(f"task {task!r} has no volumes: no cached CT-RATE volume has a {task} text.")
+            if task in ("semantic", "referring", "interactive") and not self.seg_volumes:
+                raise InputError(f"task {task!r} needs a segmentation cache with at least one labelled structure.")
+        if "referring" in self.tasks and self.terms is None:
+            raise InputError("task 'referring' needs the term dictionary (term_dictionary.json).")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw another set of samples (as DistributedSampler.set_epoch does for ordering)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> Sample:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        task = self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities))]
+        if task in ("report", "vqa"):
+            return self._text_sample(task, rng)
+        return self._segmentation_sample(task, rng)
+
+    def _encode(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        config = self.model_config
+        return encode_conversation(self.tokenizer, config.system_prompt, turns, config.projector.out_tokens)
+
+    def _text_sample(self, task: str, rng: np.random.Generator) -> Sample:
+        names = sorted(self.reports if task == "report" else self.vqa)
+        name = names[int(rng.integers(len(names)))]
+        cached = self.text_cache.load(name)
+        if task == "report":
+            turns = [(report_prompt(rng), self.reports[name])]
+        else:
+            pairs = self.vqa[name]
+            turns = [pairs[int(rng.integers(len(pairs)))]]
+        ids, labels = self._encode(turns)
+        return Sample(torch.from_numpy(cached.image)[None], torch.from_numpy(cached.sam_image), ids, labels)
+
+    def _segmentation_sample(self, task: str, rng: np.random.Generator) -> Sample:
+        name = self.seg_volumes[int(rng.integers(len(self.seg_volumes)))]
+        cached = self.seg_cache.load(name)
+        # structures still visible on the model grid (a tiny one can vanish when the volume is shrunk)
+        present = [c for c in self.seg_cache.entries[name]["present"] if cached.masks[cached.categories.index(c)].any()]
+        if task == "referring":
+            present = [c for c in present if c.replace("_", " ") in self.terms] or present
+        if not present:
+            raise InputError(f"{name}: no labelled structure is left on the model grid; drop it from the cache.")
+        category = present[int(rng.integers(len(present)))]
+        mask = cached.masks[cached.categories.index(category)]
+        spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
+        terms = self.terms if task == "referring" and spoken in self.terms else None
+        question, answer = segmentation_prompt(spoken, rng, terms=terms)
+        target = SegTarget(torch.from_numpy(mask.astype(np.float32)))
+        if task == "interactive":
+            target = SegTarget(target.mask, *self._prompts(mask, rng))
+        ids, labels = self._encode([(question, answer)])
+        image = torch.from_numpy(cached.image)[None]
+        return Sample(image, torch.from_numpy(cached.sam_image), ids, labels, [target])
+
+    @staticmethod
+    def _prompts(mask: np.ndarray, rng: np.random.Generator) -> tuple[tuple[PointPrompt, ...], tuple[BoxPrompt, ...]]:
+        """Points or a box (equal odds) on the model grid, as the paper's evaluation synthesises them."""
+        if rng.random() < 0.5:
+            return tuple(synthesize_points(mask, rng)), ()
+        return (), (synthesize_box(mask, rng),)
+
+
+def collate(samples: list[Sample], pad_id: int) -> Batch:
+    """Right-pad token rows and stack images into a :class:`Batch`."""
+    length = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, s in enumerate(samples):
+        ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[row, : len(s.labels)] = torch.tensor(s.labels)
+        mask[row, : len(s.input_ids)] = 1
+    image = torch.stack([s.image for s in samples])
+    sam_image = torch.stack([s.sam_image for s in samples])
+    return Batch(image, sam_image, ids, mask, labels, [s.targets for s in samples])

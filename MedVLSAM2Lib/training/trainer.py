@@ -1,0 +1,223 @@
+"""The training loop on Hugging Face ``accelerate``: one process, DDP, FSDP or DeepSpeed from the launch config.
+
+Reads top to bottom: config → accelerator → model with the stage's freeze plan → data → optimiser and
+schedule → ``prepare`` → resume → loop. Checkpoints are accelerate state (model, optimiser, scheduler,
+per-process RNG) plus ``trainer_state.json`` (step, epoch, position in the epoch), written to a temporary
+folder and renamed, so a kill at any moment leaves the previous checkpoint intact; resuming continues on
+the same loss curve because sample ``i`` of an epoch is a pure function of ``(seed, epoch, i)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..config import preset
+from ..data.cache import VolumeCache
+from ..data.ctrate import iter_reports, iter_vqa
+from ..data.mixture import TaskMixture, collate
+from ..model.medvlsam2 import Batch, MedVLSAM2Model
+from ..model.weights import build_model, load_checkpoint, save_checkpoint
+from ..templates import TermDictionary
+from .config import TrainConfig
+from .stages import stage_plan, trainable_report
+
+__all__ = ["TrainResult", "train", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("loss", "text_loss", "bce_loss", "dice_loss", "object_loss")
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class TrainResult:
+    """Where the run ended."""
+
+    steps: int
+    output_dir: Path
+    final_checkpoint: Path | None
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder (partial ones from a kill are ignored)."""
+    folder = output_dir / "checkpoints"
+    done = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    targets = [[type(t)(None if t.mask is None else t.mask.to(device), t.points, t.boxes) for t in row]
+               for row in batch.targets]  # fmt: skip
+    return Batch(batch.image.to(device), batch.sam_image.to(device), batch.input_ids.to(device),
+                 batch.attention_mask.to(device), batch.labels.to(device), targets)  # fmt: skip
+
+
+def _build_model(config: TrainConfig) -> MedVLSAM2Model:
+    if config.init_from:
+        model = load_checkpoint(config.init_from)
+    else:
+        model = build_model(preset(config.preset), config.base_weights)
+    model.config.vision.gradient_checkpointing = config.gradient_checkpointing
+    model.set_trainable(
+        stage_plan(config.stage, train_sam_memory=config.train_sam_memory).parts | set(config.extra_parts)
+    )
+    return model
+
+
+def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
+    reports = (
+        {r.volume_name.split(".")[0]: r.text for r in iter_reports(config.reports_csv)} if config.reports_csv else {}
+    )
+    vqa: dict[str, list[tuple[str, str]]] = {}
+    for sample in iter_vqa(config.vqa_json) if config.vqa_json else ():
+        vqa.setdefault(sample.image.split(".")[0], []).extend((t.question, t.answer) for t in sample.turns)
+    return TaskMixture(
+        model.config, model.tokenizer, config.task_weights, config.samples_per_epoch, seed=config.seed,
+        text_cache=VolumeCache(config.text_cache) if config.text_cache else None, reports=reports, vqa=vqa,
+        seg_cache=VolumeCache(config.seg_cache) if config.seg_cache else None,
+        terms=TermDictionary.load(config.term_dictionary) if config.term_dictionary else None,
+    )  # fmt: skip
+
+
+def _optimizer(config: TrainConfig, model: MedVLSAM2Model) -> torch.optim.Optimizer:
+    groups, assigned = [], set()
+    for part, lr in config.lr_per_part.items():
+        params = [p for p in model.part_parameters(part) if p.requires_grad and id(p) not in assigned]
+        assigned.update(id(p) for p in params)
+        groups.append({"params": params, "lr": lr})
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in assigned]
+    groups.append({"params": rest, "lr": config.lr})
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _save(accelerator, output_dir: Path, state: dict, keep: int) -> None:  # noqa: ANN001
+    """accelerate state + our trainer state, into a temporary folder renamed at the end."""
+    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
+    tmp = final.with_name(f".{final.name}.partial")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted(p for p in final.parent.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]
+        for path in old:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+
+
+def _metrics_writer(path: Path, resume_step: int) -> Callable[[dict], None]:
+    """Append rows to metrics.csv, first dropping rows a killed run logged after the checkpoint it resumes."""
+    rows = []
+    if path.is_file() and resume_step:
+        with path.open() as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+    columns = ["step", "epoch", *METRICS, "lr", "samples_per_s"]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def write(row: dict) -> None:
+        with path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=columns).writerow(row)
+
+    return write
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, on_step: Callable[[int, int, dict], None] | None = None
+) -> TrainResult:
+    """Run one stage. ``on_step(step, total_steps, metrics)`` is called on the main process after each step."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
+    set_seed(config.seed)
+    model = _build_model(config)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        for module, trainable, total in trainable_report(model):
+            accelerator.print(f"trainable {module:<18}{trainable:>14,} / {total:,}")
+    dataset = _dataset(config, model)
+    # Its own generator: creating a DataLoader iterator draws a seed, which must not shift the global RNG that
+    # dropout uses (a resumed run creates one more iterator than an uninterrupted one).
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
+                                         collate_fn=partial(collate, pad_id=model.tokens.pad),
+                                         generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
+    optimizer = _optimizer(config, model)
+    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / config.grad_accum)
+    total = config.max_steps or steps_per_epoch * config.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    log = _metrics_writer(output_dir / "metrics.csv", state["step"]) if accelerator.is_main_process else None
+
+    model.train()
+    started, samples = time.monotonic(), 0
+    while state["step"] < total and state["epoch"] < config.epochs:
+        dataset.set_epoch(state["epoch"])
+        skip = state["batches_in_epoch"]
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                out = model(_to_device(batch, accelerator.device))
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and config.clip_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.clip_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state["batches_in_epoch"] += 1
+            samples += batch.input_ids.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            values = accelerator.gather(torch.stack([getattr(out, m).detach().float() for m in METRICS])[None])
+            metrics = dict(zip(METRICS, values.mean(dim=0).tolist(), strict=True))
+            metrics["lr"] = scheduler.get_last_lr()[-1]
+            metrics["samples_per_s"] = samples / max(time.monotonic() - started, 1e-9)
+            if log and state["step"] % config.log_every == 0:
+                log({"step": state["step"], "epoch": state["epoch"], **metrics})
+            if on_step and accelerator.is_main_process:
+                on_step(state["step"], total, metrics)
+            if state["step"] % config.save_every == 0 or state["step"] >= total:
+                _save(accelerator, output_dir, state, config.keep_checkpoints)
+            if state["step"] >= total:
+                break
+        else:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+
+    final = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = save_checkpoint(
+            accelerator.unwrap_model(model), output_dir / "final", config.base_weights, overwrite=True
+        )
+    accelerator.wait_for_everyone()
+    return TrainResult(state["step"], output_dir, final)

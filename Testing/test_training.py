@@ -1,0 +1,119 @@
+"""Training on accelerate with the tiny preset and real CTs: config errors, exact resume after SIGKILL,
+a two-process gloo run mixing segmentation and text batches across ranks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+from test_cache import _load_pair
+
+from MedVLSAM2Lib.data.cache import CacheItem, prepare
+from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.model.weights import load_checkpoint
+from MedVLSAM2Lib.preprocess import GridConfig
+from MedVLSAM2Lib.training.config import load_train_config
+from MedVLSAM2Lib.training.trainer import latest_checkpoint
+from MedVLSAM2Lib.volume import read_volume
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+LOSSES = ("loss", "text_loss", "bce_loss", "dice_loss", "object_loss")
+
+
+def _ct_only(path):
+    return read_volume(path), None
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, data_dir, subject_a, total_labels):
+    """Caches of real CTs (subject A with four organs; subject B's CT for report text) and a stage-3 config."""
+    root = tmp_path_factory.mktemp("train")
+    grid, window = GridConfig(spatial_size=(16, 64, 64)), (-160.0, 240.0)
+    names = {n: total_labels[n] for n in ("liver", "spleen", "kidney_left", "kidney_right")}
+    seg = partial(_load_pair, subject_a / "example_ct_sm.nii.gz", subject_a / "example_seg.nii.gz", names)
+    prepare([CacheItem("subjectA_sm", seg)], root / "seg", grid, window)
+    ct_b = data_dir / "totalsegmentator" / "subjectB_chest_cta_aorta_crop" / "ct_cropped.nii.gz"
+    prepare([CacheItem("valid_1_a_1", partial(_ct_only, ct_b))], root / "text", grid, window)
+    report = next(csv.DictReader((data_dir / "ct_rate" / "ctclip_text_classifier" / "val.csv").open()))["report_text"]
+    with (root / "reports.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"])
+        writer.writerow(["valid_1_a_1.nii.gz", "Not given.", "Not given.", report, "Not given."])
+    config = {
+        "stage": 3, "preset": "tiny", "text_cache": str(root / "text"), "seg_cache": str(root / "seg"),
+        "reports_csv": str(root / "reports.csv"), "term_dictionary": str(data_dir / "m3d" / "term_dictionary.json"),
+        "task_weights": {"report": 1, "semantic": 1, "referring": 1, "interactive": 1},
+        "samples_per_epoch": 8, "epochs": 3, "lr": 0.001, "save_every": 2, "seed": 3,
+    }  # fmt: skip
+    (root / "stage3.yaml").write_text(json.dumps(config))  # JSON is YAML
+    return root
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "MedVLSAM2Lib.cli", *args]
+
+
+def _losses(run: Path) -> list[dict[str, float]]:
+    with (run / "metrics.csv").open() as handle:
+        return [{k: float(row[k]) for k in ("step", *LOSSES)} for row in csv.DictReader(handle)]
+
+
+def test_bad_configs_stop_before_any_work(workspace, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text((workspace / "stage3.yaml").read_text().replace('"seed"', '"seeds"'))
+    with pytest.raises(InputError, match=r"bad\.yaml: unknown key\(s\) \['seeds'\]"):
+        load_train_config(path)
+    path.write_text((workspace / "stage3.yaml").read_text().replace(str(workspace / "seg"), str(tmp_path / "nowhere")))
+    with pytest.raises(InputError, match=r"seg_cache = .*nowhere does not exist"):
+        load_train_config(path)
+
+
+def test_resume_after_sigkill_continues_on_the_same_loss_curve(workspace, tmp_path):
+    config = str(workspace / "stage3.yaml")
+    straight = tmp_path / "straight"
+    subprocess.run(_cli("train", "--config", config, "--max-steps", "6", "--output-dir", str(straight)),
+                   check=True, cwd=tmp_path, capture_output=True)  # fmt: skip
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli("train", "--config", config, "--max-steps", "6", "--output-dir", str(killed)),
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step-00000002" / "trainer_state.json").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists()
+    # a kill in the middle of writing the next checkpoint leaves a partial folder, which resume ignores
+    (killed / "checkpoints" / ".step-00000004.partial").mkdir(exist_ok=True)
+    assert latest_checkpoint(killed).name in ("step-00000002", "step-00000004")
+    subprocess.run(_cli("train", "--config", config, "--max-steps", "6", "--output-dir", str(killed), "--resume"),
+                   check=True, cwd=tmp_path, capture_output=True)  # fmt: skip
+    expected, resumed = _losses(straight), _losses(killed)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(expected, resumed, strict=True):
+        for key in LOSSES:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    assert load_checkpoint(killed / "final").config.name == "tiny"
+
+
+def test_two_process_gloo_run_mixes_text_and_segmentation_batches(workspace, tmp_path):
+    run = tmp_path / "ddp"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--module",
+               "MedVLSAM2Lib.cli", "train", "--config", str(workspace / "stage3.yaml"), "--max-steps", "4",
+               "--output-dir", str(run)]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _losses(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # losses are averaged over the ranks: some steps combine a text-only rank with a segmentation rank
+    assert any(0 < r["dice_loss"] for r in rows) and all(r["loss"] == r["loss"] for r in rows)
+    assert (run / "final" / "model.safetensors").is_file()
