@@ -51,3 +51,20 @@ def test_stage_three_can_add_sam2_memory():
     assert "sam_memory" not in stage_plan(2, train_sam_memory=True).parts
     with pytest.raises(InputError, match="stage must be 1, 2 or 3"):
         stage_plan(4)
+
+
+@pytest.mark.parametrize(
+    "stage,epochs,batch,accum",
+    [(1, 3, 16, 1), (2, 5, 16, 1), (3, 1, 1, 8)],
+)
+def test_shipped_stage_configs_hold_the_papers_settings(stage, epochs, batch, accum):
+    import yaml
+    from conftest import REPO
+
+    from MedVLSAM2Lib.training.config import TrainConfig
+
+    config = TrainConfig(**yaml.safe_load((REPO / "Training" / f"stage{stage}.yaml").read_text()))
+    assert (config.stage, config.epochs, config.batch_size, config.grad_accum) == (stage, epochs, batch, accum)
+    if stage < 3:
+        assert config.batch_size * 8 * config.grad_accum == 128  # global batch 128 on 8 GPUs
+    assert set(config.task_weights) == set(stage_plan(stage).tasks)

@@ -76,6 +76,15 @@ def _build_model(config: TrainConfig) -> MedVLSAM2Model:
     return model
 
 
+def _open_cache(path: str | None) -> VolumeCache | None:
+    """A prepared cache, every file checked against its checksum before any training work starts."""
+    if not path:
+        return None
+    cache = VolumeCache(path)
+    cache.verify()
+    return cache
+
+
 def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
     reports = (
         {r.volume_name.split(".")[0]: r.text for r in iter_reports(config.reports_csv)} if config.reports_csv else {}
@@ -85,8 +94,7 @@ def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
         vqa.setdefault(sample.image.split(".")[0], []).extend((t.question, t.answer) for t in sample.turns)
     return TaskMixture(
         model.config, model.tokenizer, config.task_weights, config.samples_per_epoch, seed=config.seed,
-        text_cache=VolumeCache(config.text_cache) if config.text_cache else None, reports=reports, vqa=vqa,
-        seg_cache=VolumeCache(config.seg_cache) if config.seg_cache else None,
+        text_cache=_open_cache(config.text_cache), reports=reports, vqa=vqa, seg_cache=_open_cache(config.seg_cache),
         terms=TermDictionary.load(config.term_dictionary) if config.term_dictionary else None,
     )  # fmt: skip
 
