@@ -19,6 +19,7 @@ from ..model.language import IGNORE_INDEX, encode_conversation
 from ..model.medvlsam2 import Batch, SegTarget
 from ..prompts import BoxPrompt, PointPrompt, synthesize_box, synthesize_points
 from ..templates import TermDictionary, report_prompt, segmentation_prompt
+from .augment import augment
 from .cache import VolumeCache
 
 __all__ = ["TASKS", "Sample", "TaskMixture", "collate"]
@@ -53,6 +54,7 @@ class TaskMixture(torch.utils.data.Dataset):
         vqa: dict[str, list[tuple[str, str]]] | None = None,
         seg_cache: VolumeCache | None = None,
         terms: TermDictionary | None = None,
+        augmentation: bool = False,
     ) -> None:
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -65,6 +67,7 @@ class TaskMixture(torch.utils.data.Dataset):
         self.probabilities = weights / weights.sum()
         self.samples_per_epoch, self.seed, self.epoch = samples_per_epoch, seed, 0
         self.text_cache, self.seg_cache, self.terms = text_cache, seg_cache, terms
+        self.augmentation = augmentation
         self.reports = {k: v for k, v in (reports or {}).items() if text_cache and k in text_cache.entries}
         self.vqa = {k: v for k, v in (vqa or {}).items() if text_cache and k in text_cache.entries}
         self.seg_volumes = [n for n, e in (seg_cache.entries.items() if seg_cache else []) if e["present"]]
@@ -108,11 +111,18 @@ class TaskMixture(torch.utils.data.Dataset):
             pairs = self.vqa[name]
             turns = [pairs[int(rng.integers(len(pairs)))]]
         ids, labels = self._encode(turns)
-        return Sample(torch.from_numpy(cached.image)[None], torch.from_numpy(cached.sam_image), ids, labels)
+        image, sam_image, _ = self._augment(cached.image, cached.sam_image, None, rng)
+        return Sample(torch.from_numpy(image)[None], torch.from_numpy(sam_image), ids, labels)
+
+    def _augment(
+        self, image: np.ndarray, sam_image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        return augment(image, sam_image, masks, rng) if self.augmentation else (image, sam_image, masks)
 
     def _segmentation_sample(self, task: str, rng: np.random.Generator) -> Sample:
         name = self.seg_volumes[int(rng.integers(len(self.seg_volumes)))]
         cached = self.seg_cache.load(name)
+        cached.image, cached.sam_image, cached.masks = self._augment(cached.image, cached.sam_image, cached.masks, rng)
         # structures still visible on the model grid (a tiny one can vanish when the volume is shrunk)
         present = [c for c in self.seg_cache.entries[name]["present"] if cached.masks[cached.categories.index(c)].any()]
         if task == "referring":
@@ -124,12 +134,12 @@ class TaskMixture(torch.utils.data.Dataset):
         spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
         terms = self.terms if task == "referring" and spoken in self.terms else None
         question, answer = segmentation_prompt(spoken, rng, terms=terms)
-        target = SegTarget(torch.from_numpy(mask.astype(np.float32)))
+        target = SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)))
         if task == "interactive":
             target = SegTarget(target.mask, *self._prompts(mask, rng))
         ids, labels = self._encode([(question, answer)])
-        image = torch.from_numpy(cached.image)[None]
-        return Sample(image, torch.from_numpy(cached.sam_image), ids, labels, [target])
+        image = torch.from_numpy(np.ascontiguousarray(cached.image))[None]
+        return Sample(image, torch.from_numpy(np.ascontiguousarray(cached.sam_image)), ids, labels, [target])
 
     @staticmethod
     def _prompts(mask: np.ndarray, rng: np.random.Generator) -> tuple[tuple[PointPrompt, ...], tuple[BoxPrompt, ...]]:

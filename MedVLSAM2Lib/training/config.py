@@ -37,6 +37,7 @@ class TrainConfig:
         weight_decay, warmup_ratio, clip_norm: AdamW / cosine schedule / gradient clipping.
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (accelerate).
         gradient_checkpointing: recompute ViT blocks in backward.
+        augmentation: M3D's random rotation/flips/intensity changes (see ``data/augment.py``).
         train_sam_memory: stage 3 also trains SAM2's memory path.
         extra_parts: more trainable parts on top of the stage plan (e.g. ``sam_image_encoder`` for toy models).
         seed: one seed for model init, sampling and dropout.
@@ -66,6 +67,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    augmentation: bool = True
     train_sam_memory: bool = False
     extra_parts: list[str] = field(default_factory=list)
     seed: int = 0
