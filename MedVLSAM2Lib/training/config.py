@@ -34,7 +34,8 @@ class TrainConfig:
         samples_per_epoch, epochs, max_steps: run length (``max_steps`` > 0 caps optimiser steps).
         batch_size, grad_accum: per-device batch and gradient-accumulation steps.
         lr, lr_per_part: base learning rate and overrides per trainable part.
-        weight_decay, warmup_ratio, clip_norm: AdamW / cosine schedule / gradient clipping.
+        weight_decay, warmup_ratio, clip_norm: AdamW / warmup / gradient clipping.
+        schedule: ``cosine`` (decay to 0 after warmup) or ``constant`` (after warmup).
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (accelerate).
         gradient_checkpointing: recompute ViT blocks in backward.
         augmentation: M3D's random rotation/flips/intensity changes (see ``data/augment.py``).
@@ -64,6 +65,7 @@ class TrainConfig:
     lr_per_part: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    schedule: str = "cosine"
     clip_norm: float = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -80,6 +82,8 @@ class TrainConfig:
             raise InputError(f"train config: stage must be 1, 2 or 3, got {self.stage!r}.")
         if self.preset not in PRESETS:
             raise InputError(f"train config: preset must be one of {sorted(PRESETS)}, got {self.preset!r}.")
+        if self.schedule not in ("cosine", "constant"):
+            raise InputError(f"train config: schedule must be cosine or constant, got {self.schedule!r}.")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise InputError(f"train config: mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}.")
         unknown_parts = set(self.lr_per_part) | set(self.extra_parts)

@@ -155,7 +155,7 @@ def train(
     """Run one stage. ``on_step(step, total_steps, metrics)`` is called on the main process after each step."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
@@ -175,7 +175,11 @@ def train(
     optimizer = _optimizer(config, model)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / config.grad_accum)
     total = config.max_steps or steps_per_epoch * config.epochs
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+    warmup = int(config.warmup_ratio * total)
+    if config.schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
