@@ -1,1 +1,1 @@
-"""Training: stage plans, the training config, and (to come) the accelerate trainer."""
+"""Training: the stage YAML config, the paper's freeze plans per stage, and the accelerate trainer."""

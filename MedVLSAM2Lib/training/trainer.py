@@ -119,6 +119,7 @@ def _save(accelerator, output_dir: Path, state: dict, keep: int) -> None:  # noq
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank has written its RNG state before the folder is published
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         if final.exists():
