@@ -23,10 +23,12 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "preset",
+    "strict_from_dict",
 ]
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def strict_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, naming unknown keys (``where`` prefixes the message)."""
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(data).__name__}.")
     known = {f.name for f in fields(cls)}
@@ -255,8 +257,8 @@ class ModelConfig:
         data = dict(data)
         for key, part in parts.items():
             if key in data:
-                data[key] = _from_dict(part, data[key], f"config.{key}")
-        return _from_dict(cls, data, "config")
+                data[key] = strict_from_dict(part, data[key], f"config.{key}")
+        return strict_from_dict(cls, data, "config")
 
 
 # Every linear layer of a Qwen2 block (InternVL's LoRA recipe); the paper's default is q/k/v only.

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import InputError
 from .volume import Volume, lps_to_ras
 
@@ -124,12 +125,6 @@ def write_segmentation(segmentation: Segmentation, path: str | os.PathLike) -> P
         if segment.terminology:
             fields["terminology"] = segment.terminology
         slicerio.add_segment(data, np.asarray(segment.mask, bool).transpose(2, 1, 0), fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.seg.nrrd")
-    try:
+    with atomic_path(path) as tmp:
         slicerio.write_segmentation(str(tmp), data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import InputError
 
 __all__ = [
@@ -347,12 +348,6 @@ def _check_even_slices(reader: Any, files: tuple[str, ...], image: Any, folder: 
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temporary sibling path that keeps the real suffix (writers choose the format by suffix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name.split('.')[0]}.partial-{os.getpid()}{''.join(path.suffixes)}")
-
-
 def _writable(array: np.ndarray, path: Path) -> np.ndarray:
     """Masks (bool) become uint8; 64-bit integers become int32 when their values fit (NIfTI has no int64 reader
     everywhere)."""
@@ -381,8 +376,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = Tr
     if suffix not in NIFTI_SUFFIXES + (".nrrd", ".mha"):
         raise InputError(f"{path}: cannot write {suffix!r}; use .nii.gz, .nii, .nrrd or .mha.")
     array = _writable(volume.array, path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
             import nibabel as nib
 
@@ -400,8 +394,4 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = Tr
             image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
             image.SetOrigin(lps[:3, 3].tolist())
             sitk.WriteImage(image, str(tmp), useCompression=compress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.data.mixture import Sample, collate
 from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.model.language import encode_conversation
-from MedVLSAM2Lib.model.medvlsam2 import STAGE_PARTS, Batch, MedVLSAM2Model, SegTarget
+from MedVLSAM2Lib.model.medvlsam2 import STAGE_PARTS, MedVLSAM2Model, SegTarget
 from MedVLSAM2Lib.prompts import BoxPrompt, PointPrompt
 
 
@@ -20,17 +21,13 @@ def tiny_model():
 
 def _batch(model, conversations, targets):
     config = model.config
-    rows = [encode_conversation(model.tokenizer, config.system_prompt, turns, config.projector.out_tokens)
-            for turns in conversations]  # fmt: skip
-    length = max(len(ids) for ids, _ in rows)
-    pad = model.tokens.pad
-    ids = torch.tensor([i + [pad] * (length - len(i)) for i, _ in rows])
-    labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in rows])
-    mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in rows])
-    depth, height, width = config.vision.img_size
     torch.manual_seed(1)
-    image = torch.rand(len(rows), 1, depth, height, width)
-    return Batch(image, image[:, 0].clone(), ids, mask, labels, targets)
+    images = torch.rand(len(conversations), 1, *config.vision.img_size)
+    samples = []
+    for image, turns, objects in zip(images, conversations, targets, strict=True):
+        ids, labels = encode_conversation(model.tokenizer, config.system_prompt, turns, config.projector.out_tokens)
+        samples.append(Sample(image, image[0].clone(), ids, labels, objects))
+    return collate(samples, model.tokens.pad)
 
 
 def _mixed_batch(model):

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.data.mixture import Sample, collate
 from MedVLSAM2Lib.demo import dice
 from MedVLSAM2Lib.model.language import encode_conversation
-from MedVLSAM2Lib.model.medvlsam2 import ALL_PARTS, Batch, MedVLSAM2Model, SegTarget
+from MedVLSAM2Lib.model.medvlsam2 import ALL_PARTS, MedVLSAM2Model, SegTarget
 from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, probabilities_from_model, to_model
 from MedVLSAM2Lib.volume import read_volume
 
@@ -34,26 +35,16 @@ def _training_batch(model, ct, labels, organs):
     grid = config.vision.img_size
     image, record = to_model(ct, GridConfig(spatial_size=grid))
     windowed, _ = to_model(ct, GridConfig(spatial_size=grid, intensity="window", window=config.segmenter.window))
-    rows = [
-        encode_conversation(
-            model.tokenizer, config.system_prompt, [(_question(o), ANSWER)], config.projector.out_tokens
+    samples = []
+    for organ, value in organs.items():
+        ids, supervised = encode_conversation(
+            model.tokenizer, config.system_prompt, [(_question(organ), ANSWER)], config.projector.out_tokens
         )
-        for o in organs
-    ]
-    length = max(len(ids) for ids, _ in rows)
-    pad = model.tokens.pad
-    batch = Batch(
-        image=torch.from_numpy(image)[None, None].expand(len(organs), -1, -1, -1, -1),
-        sam_image=torch.from_numpy(windowed)[None].expand(len(organs), -1, -1, -1),
-        input_ids=torch.tensor([ids + [pad] * (length - len(ids)) for ids, _ in rows]),
-        attention_mask=torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows]),
-        labels=torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in rows]),
-        targets=[
-            [SegTarget(torch.from_numpy(mask_to_model((labels == v).astype(np.uint8), record)).float())]
-            for v in organs.values()
-        ],  # fmt: skip
-    )
-    return batch, record
+        mask = torch.from_numpy(mask_to_model((labels == value).astype(np.uint8), record)).float()
+        samples.append(
+            Sample(torch.from_numpy(image)[None], torch.from_numpy(windowed), ids, supervised, [SegTarget(mask)])
+        )
+    return collate(samples, model.tokens.pad), record
 
 
 def _evaluate(model, batch, record, labels, organs):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import InputError
 from ..jsonfile import read_json
 from ..preprocess import GridConfig, GridRecord, mask_to_model, to_model
@@ -84,22 +85,15 @@ def write_item(item: CacheItem, folder: Path, grid: GridConfig, sam_window: tupl
         arrays["masks"] = np.packbits(stacked.astype(bool), axis=None)
         arrays["masks_shape"] = np.asarray(stacked.shape, dtype=np.int64)
     target = folder / "volumes" / f"{item.name}.npz"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{item.name}.partial-{os.getpid()}.npz")
-    try:
+    with atomic_path(target) as tmp:
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     present = [c for c, m in (masks or {}).items() if np.any(m)]
     return {"file": f"volumes/{item.name}.npz", "sha256": _sha256(target), "categories": categories, "present": present}
 
 
 def _write_index(folder: Path, header: dict[str, Any], entries: dict[str, Any]) -> None:
-    tmp = folder / f".index.partial-{os.getpid()}.json"
-    tmp.write_text(json.dumps({**header, "entries": entries}, indent=1))
-    os.replace(tmp, folder / "index.json")
+    with atomic_path(folder / "index.json") as tmp:
+        tmp.write_text(json.dumps({**header, "entries": entries}, indent=1))
 
 
 def prepare(

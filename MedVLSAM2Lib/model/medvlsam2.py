@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from torch import nn
 
 from ..config import ModelConfig
@@ -79,6 +80,13 @@ class Batch:
     labels: torch.Tensor
     targets: list[list[SegTarget]] = field(default_factory=list)
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with every tensor (target masks included) on ``device``."""
+        targets = [[SegTarget(None if t.mask is None else t.mask.to(device), t.points, t.boxes) for t in row]
+                   for row in self.targets]  # fmt: skip
+        return Batch(self.image.to(device), self.sam_image.to(device), self.input_ids.to(device),
+                     self.attention_mask.to(device), self.labels.to(device), targets)  # fmt: skip
+
 
 @dataclass
 class MedVLSAM2Output:
@@ -124,6 +132,7 @@ class MedVLSAM2Model(nn.Module):
         self.llm = apply_lora(base, config.language, [self.tokens.seg, self.tokens.image])
         self.seg_projector = SegTokenProjector(d_llm, config.segmenter.d_model)
         self.segmenter = VolumeSegmenter(config.segmenter, memory=config.memory)
+        self.dice_loss = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)  # soft Dice on logits, per object
         self.set_trainable(STAGE_PARTS[3])
 
     # ------------------------------------------------------------------ parts
@@ -251,12 +260,10 @@ class MedVLSAM2Model(nn.Module):
         self, logits: torch.Tensor, objects: torch.Tensor, truth: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """BCE and soft Dice (MONAI) on ``(n, D, H, W)`` logits, and the per-slice object-score BCE."""
-        from monai.losses import DiceLoss
-
         # Slices scored as empty carry SAM2's constant -1024: clamp so the loss stays readable (no gradient either way).
         logits = logits.clamp(-30.0, 30.0)
         bce = F.binary_cross_entropy_with_logits(logits, truth)
-        dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)(logits[:, None], truth[:, None])
+        dice = self.dice_loss(logits[:, None], truth[:, None])
         present = (truth.flatten(2).amax(dim=2) > 0).float()
         return bce, dice, F.binary_cross_entropy_with_logits(objects, present)
 

@@ -7,11 +7,11 @@ built or any GPU work starts.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS
+from ..config import PRESETS, strict_from_dict
 from ..errors import InputError
 from ..model.medvlsam2 import ALL_PARTS
 
@@ -128,13 +128,6 @@ def load_train_config(path: str | os.PathLike, overrides: dict[str, Any] | None 
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of settings.")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InputError(f"{path}: unknown key(s) {unknown}; known keys are {sorted(known)}.")
-    try:
-        config = TrainConfig(**data)
-    except TypeError as err:
-        raise InputError(f"{path}: {err}") from err
+    config = strict_from_dict(TrainConfig, data, str(path))
     config.check_paths()
     return config

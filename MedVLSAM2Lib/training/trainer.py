@@ -27,7 +27,7 @@ from ..config import preset
 from ..data.cache import VolumeCache
 from ..data.ctrate import iter_reports, iter_vqa
 from ..data.mixture import TaskMixture, collate
-from ..model.medvlsam2 import Batch, MedVLSAM2Model
+from ..model.medvlsam2 import MedVLSAM2Model
 from ..model.weights import build_model, load_checkpoint, save_checkpoint
 from ..templates import TermDictionary
 from .config import TrainConfig
@@ -55,13 +55,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     folder = output_dir / "checkpoints"
     done = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file())
     return done[-1] if done else None
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    targets = [[type(t)(None if t.mask is None else t.mask.to(device), t.points, t.boxes) for t in row]
-               for row in batch.targets]  # fmt: skip
-    return Batch(batch.image.to(device), batch.sam_image.to(device), batch.input_ids.to(device),
-                 batch.attention_mask.to(device), batch.labels.to(device), targets)  # fmt: skip
 
 
 def _build_model(config: TrainConfig) -> MedVLSAM2Model:
@@ -199,7 +192,7 @@ def train(
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in batches:
             with accelerator.accumulate(model):
-                out = model(_to_device(batch, accelerator.device))
+                out = model(batch.to(accelerator.device))
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and config.clip_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.clip_norm)
