@@ -110,3 +110,19 @@ def test_backward_sweep_does_not_read_slices_beyond_the_conditioning_slice():
     before, after = _segment(segmenter, volume, language), _segment(segmenter, changed, language)
     assert torch.equal(before[0, : c + 1], after[0, : c + 1])  # slices <= c never see slice c + 2
     assert not torch.equal(before[0, c + 3], after[0, c + 3])  # but slice c + 3 does, through memory
+
+
+def test_decoder_logits_are_the_mask_logits_before_the_object_score_gate():
+    torch.manual_seed(1)
+    segmenter = VolumeSegmenter(preset("tiny").segmenter).eval()
+    features, language = segmenter.encode(prepare_slices(torch.rand(6, 64, 64), 128)), torch.randn(3, 64)
+    with torch.no_grad():
+        # a fresh head scores every slice as showing the object; shift it so that the gate closes on some
+        median = segmenter(features, language).object_logits.median()
+        segmenter.sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias -= median
+        out = segmenter(features, language)
+    shown = out.object_logits > 0
+    assert shown.any() and (~shown).any()
+    torch.testing.assert_close(out.mask_logits[shown], out.decoder_logits[shown])
+    assert (out.mask_logits[~shown] == -1024.0).all()
+    assert (out.decoder_logits[~shown] != -1024.0).all()  # the loss still sees the decoder on gated slices

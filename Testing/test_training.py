@@ -66,6 +66,13 @@ def _losses(run: Path) -> list[dict[str, float]]:
         return [{k: float(row[k]) for k in ("step", *LOSSES)} for row in csv.DictReader(handle)]
 
 
+def _tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
 def test_bad_configs_stop_before_any_work(workspace, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text((workspace / "stage3.yaml").read_text().replace('"seed"', '"seeds"'))
@@ -81,6 +88,8 @@ def test_resume_after_sigkill_continues_on_the_same_loss_curve(workspace, tmp_pa
     straight = tmp_path / "straight"
     subprocess.run(_cli("train", "--config", config, "--max-steps", "6", "--output-dir", str(straight)),
                    check=True, cwd=tmp_path, capture_output=True)  # fmt: skip
+    logged = _tensorboard_scalars(straight, "loss")
+    assert logged == pytest.approx({int(r["step"]): r["loss"] for r in _losses(straight)}, rel=1e-6)
     killed = tmp_path / "killed"
     process = subprocess.Popen(_cli("train", "--config", config, "--max-steps", "6", "--output-dir", str(killed)),
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -4,7 +4,10 @@ Sample ``i`` of an epoch is a pure function of ``(seed, epoch, i)``: the same in
 task, volume, template and prompts, which is what makes resumed runs continue on the same loss curve.
 Tasks: ``report`` (CT-RATE report generation), ``vqa`` (one CT-CHAT turn), ``semantic`` (class name),
 ``referring`` (a term-dictionary description instead of the name), ``interactive`` (class name plus
-synthesised points or a box on the model grid).
+synthesised points or a box on the model grid). Semantic and referring samples ask about up to
+``objects_per_sample`` structures of one volume in consecutive turns, one ``[SEG]`` each (LISA's and
+Sa2VA's ``num_classes_per_sample``): every step then contrasts structures of the same image, and the
+volume's SAM2 image features are computed once for all of them.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class TaskMixture(torch.utils.data.Dataset):
         seg_cache: VolumeCache | None = None,
         terms: TermDictionary | None = None,
         augmentation: bool = False,
+        objects_per_sample: int = 1,
     ) -> None:
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -68,6 +72,9 @@ class TaskMixture(torch.utils.data.Dataset):
         self.samples_per_epoch, self.seed, self.epoch = samples_per_epoch, seed, 0
         self.text_cache, self.seg_cache, self.terms = text_cache, seg_cache, terms
         self.augmentation = augmentation
+        if objects_per_sample < 1:
+            raise InputError(f"objects_per_sample must be >= 1, got {objects_per_sample}.")
+        self.objects_per_sample = objects_per_sample
         self.reports = {k: v for k, v in (reports or {}).items() if text_cache and k in text_cache.entries}
         self.vqa = {k: v for k, v in (vqa or {}).items() if text_cache and k in text_cache.entries}
         self.seg_volumes = [n for n, e in (seg_cache.entries.items() if seg_cache else []) if e["present"]]
@@ -129,17 +136,19 @@ class TaskMixture(torch.utils.data.Dataset):
             present = [c for c in present if c.replace("_", " ") in self.terms] or present
         if not present:
             raise InputError(f"{name}: no labelled structure is left on the model grid; drop it from the cache.")
-        category = present[int(rng.integers(len(present)))]
-        mask = cached.masks[cached.categories.index(category)]
-        spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
-        terms = self.terms if task == "referring" and spoken in self.terms else None
-        question, answer = segmentation_prompt(spoken, rng, terms=terms)
-        target = SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)))
-        if task == "interactive":
-            target = SegTarget(target.mask, *self._prompts(mask, rng))
-        ids, labels = self._encode([(question, answer)])
+        count = 1 if task == "interactive" else min(self.objects_per_sample, len(present))
+        turns, targets = [], []
+        for index in rng.choice(len(present), size=count, replace=False):
+            category = present[int(index)]
+            mask = cached.masks[cached.categories.index(category)]
+            spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
+            terms = self.terms if task == "referring" and spoken in self.terms else None
+            turns.append(segmentation_prompt(spoken, rng, terms=terms))
+            target = SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)))
+            targets.append(SegTarget(target.mask, *self._prompts(mask, rng)) if task == "interactive" else target)
+        ids, labels = self._encode(turns)
         image = torch.from_numpy(np.ascontiguousarray(cached.image))[None]
-        return Sample(image, torch.from_numpy(np.ascontiguousarray(cached.sam_image)), ids, labels, [target])
+        return Sample(image, torch.from_numpy(np.ascontiguousarray(cached.sam_image)), ids, labels, targets)
 
     @staticmethod
     def _prompts(mask: np.ndarray, rng: np.random.Generator) -> tuple[tuple[PointPrompt, ...], tuple[BoxPrompt, ...]]:

@@ -90,7 +90,8 @@ class Batch:
 
 @dataclass
 class MedVLSAM2Output:
-    """Losses (scalars) of a batch and the predicted mask logits ``(n_objects, D, H, W)`` on the model grid."""
+    """Losses (scalars) of a batch and the mask decoder's logits ``(n_objects, D, H, W)`` on the model grid
+    (before SAM2's object-score gate, as the mask loss sees them)."""
 
     loss: torch.Tensor
     text_loss: torch.Tensor
@@ -233,8 +234,9 @@ class MedVLSAM2Model(nn.Module):
 
     def _segment_objects(
         self, sam_image: torch.Tensor, seg_tokens: torch.Tensor, targets: list[SegTarget]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits ``(n, D, H, W)`` on the model grid and object logits ``(n, D)`` for one volume.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For one volume: mask logits ``(n, D, H, W)`` on the model grid, object logits ``(n, D)``, and the
+        decoder's logits before SAM2's object-score gate ``(n, D, H, W)`` (what the mask loss trains).
 
         Objects without point/box prompts share one batched pass; prompted objects run one by one.
         """
@@ -245,6 +247,7 @@ class MedVLSAM2Model(nn.Module):
         language = self.seg_projector(seg_tokens).float()  # (n, d_sam)
         masks: list[torch.Tensor | None] = [None] * len(targets)
         objects: list[torch.Tensor | None] = [None] * len(targets)
+        decoded: list[torch.Tensor | None] = [None] * len(targets)
         plain = [n for n, t in enumerate(targets) if not (t.points or t.boxes)]
         groups = ([plain] if plain else []) + [[n] for n, t in enumerate(targets) if t.points or t.boxes]
         for group in groups:
@@ -252,16 +255,15 @@ class MedVLSAM2Model(nn.Module):
             prompts = {z: SlicePrompts(p.coords.to(device), p.labels.to(device)) for z, p in prompts.items()}
             out = self.segmenter(features, language[group], prompts)
             logits = F.interpolate(out.mask_logits, size=grid[1:], mode="bilinear", align_corners=False)
+            raw = F.interpolate(out.decoder_logits, size=grid[1:], mode="bilinear", align_corners=False)
             for k, n in enumerate(group):
-                masks[n], objects[n] = logits[k], out.object_logits[k]
-        return torch.stack(masks), torch.stack(objects)
+                masks[n], objects[n], decoded[n] = logits[k], out.object_logits[k], raw[k]
+        return torch.stack(masks), torch.stack(objects), torch.stack(decoded)
 
     def _mask_losses(
         self, logits: torch.Tensor, objects: torch.Tensor, truth: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """BCE and soft Dice (MONAI) on ``(n, D, H, W)`` logits, and the per-slice object-score BCE."""
-        # Slices scored as empty carry SAM2's constant -1024: clamp so the loss stays readable (no gradient either way).
-        logits = logits.clamp(-30.0, 30.0)
         bce = F.binary_cross_entropy_with_logits(logits, truth)
         dice = self.dice_loss(logits[:, None], truth[:, None])
         present = (truth.flatten(2).amax(dim=2) > 0).float()
@@ -270,8 +272,8 @@ class MedVLSAM2Model(nn.Module):
     def _placeholder_mask_loss(self, hidden: torch.Tensor, sam_image: torch.Tensor) -> torch.Tensor:
         """Zero-valued loss through the whole segmentation path (two slices, so memory is used too): keeps
         every trainable parameter in the graph for batches without masks (DDP/ZeRO need that)."""
-        logits, objects = self._segment_objects(sam_image[:2], hidden[:1], [SegTarget()])
-        return (logits.clamp(-30, 30).mean() + objects.mean()) * 0.0
+        _, objects, logits = self._segment_objects(sam_image[:2], hidden[:1], [SegTarget()])
+        return (logits.mean() + objects.mean()) * 0.0
 
     def forward(self, batch: Batch) -> MedVLSAM2Output:
         """Losses of a mixed batch (reports, VQA, segmentation).
@@ -290,7 +292,7 @@ class MedVLSAM2Model(nn.Module):
             if len(positions) != len(targets):
                 raise InputError(f"sample {b}: {len(positions)} [SEG] tokens but {len(targets)} targets.")
             if targets:
-                logits, objects = self._segment_objects(batch.sam_image[b], hidden[b, positions], targets)
+                _, objects, logits = self._segment_objects(batch.sam_image[b], hidden[b, positions], targets)
                 truth = torch.stack([t.mask.to(logits) for t in targets])
                 pairs.append(self._mask_losses(logits, objects, truth))
                 seg_logits.append(logits)
@@ -371,7 +373,7 @@ class MedVLSAM2Model(nn.Module):
         targets = targets or [SegTarget() for _ in positions]
         if len(targets) != len(positions):
             raise InputError(f"the answer has {len(positions)} [SEG] tokens but {len(targets)} prompt sets were given.")
-        logits, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets)
+        logits, _, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets)
         return torch.sigmoid(logits)
 
 

@@ -177,10 +177,13 @@ class SegmenterOutput:
         mask_logits: ``(B, D, s, s)`` low-resolution logits (``s = image_size / 4``); slices scored as
             empty hold SAM2's constant −1024.
         object_logits: ``(B, D)`` object-score logits (target present on the slice?).
+        decoder_logits: ``(B, D, s, s)`` the mask decoder's logits before that hard gate: the mask loss uses
+            them, so that every slice gives the decoder a gradient while the object score is still wrong.
     """
 
     mask_logits: torch.Tensor
     object_logits: torch.Tensor
+    decoder_logits: torch.Tensor
 
 
 class VolumeSegmenter(nn.Module):
@@ -224,7 +227,8 @@ class VolumeSegmenter(nn.Module):
             encoder.language_tokens = None
         masks = torch.stack([outputs[z]["pred_masks"][:, 0] for z in range(depth)], dim=1)
         scores = torch.stack([outputs[z]["object_score_logits"][:, 0] for z in range(depth)], dim=1)
-        return SegmenterOutput(masks, scores)
+        decoder = torch.stack([outputs[z]["decoder_masks"][:, 0] for z in range(depth)], dim=1)
+        return SegmenterOutput(masks, scores, decoder)
 
     def _order(self, prompts: dict[int, SlicePrompts], depth: int) -> tuple[list[int], list[tuple[int, bool]]]:
         """Conditioning slices, then the tracking order as ``(slice, reverse)`` pairs."""
@@ -267,10 +271,17 @@ class VolumeSegmenter(nn.Module):
         feats = [f[:, z : z + 1].expand(-1, batch, -1).contiguous() for f in features["feats"]]
         pos = [p[:, z : z + 1].expand(-1, batch, -1).contiguous() for p in features["pos"]]
         point_inputs = None if prompt is None else {"point_coords": prompt.coords, "point_labels": prompt.labels}
-        out, sam_outputs, _, _ = sam._track_step(
-            z, is_cond, feats, pos, features["sizes"], point_inputs, None, memory, features["num_slices"], reverse, None
-        )
+        decoded = []
+        hook = sam.sam_mask_decoder.register_forward_hook(lambda _m, _i, output: decoded.append(output[0]))
+        try:
+            out, sam_outputs, _, _ = sam._track_step(
+                z, is_cond, feats, pos, features["sizes"], point_inputs, None, memory, features["num_slices"],
+                reverse, None,
+            )  # fmt: skip
+        finally:
+            hook.remove()
         _, _, _, low_res, high_res, obj_ptr, object_logits = sam_outputs
-        out.update(pred_masks=low_res, pred_masks_high_res=high_res, obj_ptr=obj_ptr, object_score_logits=object_logits)
+        out.update(pred_masks=low_res, pred_masks_high_res=high_res, obj_ptr=obj_ptr, object_score_logits=object_logits,
+                   decoder_masks=decoded[-1].float())  # fmt: skip
         sam._encode_memory_in_output(feats, features["sizes"], point_inputs, True, high_res, object_logits, out)
         return out

@@ -39,6 +39,7 @@ class TrainConfig:
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (accelerate).
         gradient_checkpointing: recompute ViT blocks in backward.
         augmentation: M3D's random rotation/flips/intensity changes (see ``data/augment.py``).
+        objects_per_sample: structures asked about per semantic/referring sample, one turn each (LISA's 3).
         train_sam_memory: stage 3 also trains SAM2's memory path.
         extra_parts: more trainable parts on top of the stage plan (e.g. ``sam_image_encoder`` for toy models).
         seed: one seed for model init, sampling and dropout.
@@ -70,6 +71,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     augmentation: bool = True
+    objects_per_sample: int = 3
     train_sam_memory: bool = False
     extra_parts: list[str] = field(default_factory=list)
     seed: int = 0
@@ -94,7 +96,15 @@ class TrainConfig:
         unknown_weights = set(self.base_weights) - {"vision", "language", "sam2"}
         if unknown_weights:
             raise InputError(f"train config: base_weights has unknown key(s) {sorted(unknown_weights)}.")
-        for name in ("samples_per_epoch", "epochs", "batch_size", "grad_accum", "save_every", "log_every"):
+        for name in (
+            "samples_per_epoch",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "save_every",
+            "log_every",
+            "objects_per_sample",
+        ):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"train config: {name} must be >= 1, got {getattr(self, name)}.")
 

@@ -89,7 +89,7 @@ def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
         model.config, model.tokenizer, config.task_weights, config.samples_per_epoch, seed=config.seed,
         text_cache=_open_cache(config.text_cache), reports=reports, vqa=vqa, seg_cache=_open_cache(config.seg_cache),
         terms=TermDictionary.load(config.term_dictionary) if config.term_dictionary else None,
-        augmentation=config.augmentation,
+        augmentation=config.augmentation, objects_per_sample=config.objects_per_sample,
     )  # fmt: skip
 
 
@@ -152,7 +152,8 @@ def train(
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
+                              log_with="tensorboard", project_dir=str(output_dir))  # fmt: skip
     set_seed(config.seed)
     model = _build_model(config)
     if accelerator.is_main_process:
@@ -183,6 +184,7 @@ def train(
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     log = _metrics_writer(output_dir / "metrics.csv", state["step"]) if accelerator.is_main_process else None
+    accelerator.init_trackers("tensorboard")
 
     model.train()
     started, samples = time.monotonic(), 0
@@ -210,6 +212,7 @@ def train(
             metrics["samples_per_s"] = samples / max(time.monotonic() - started, 1e-9)
             if log and state["step"] % config.log_every == 0:
                 log({"step": state["step"], "epoch": state["epoch"], **metrics})
+                accelerator.log(metrics, step=state["step"])
             if on_step and accelerator.is_main_process:
                 on_step(state["step"], total, metrics)
             if state["step"] % config.save_every == 0 or state["step"] >= total:
@@ -221,6 +224,8 @@ def train(
             state["batches_in_epoch"] = 0
 
     final = None
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the caller may own
+        tracker.finish()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = save_checkpoint(

@@ -1,0 +1,119 @@
+"""Training samples from a real cache: several structures per conversation, referring without the class name,
+interactive prompts inside their structure, samples a pure function of (seed, epoch, index)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_cache import _subject_items
+
+from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.data.cache import VolumeCache, prepare
+from MedVLSAM2Lib.data.mixture import TaskMixture
+from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.model.language import build_tokenizer
+from MedVLSAM2Lib.preprocess import GridConfig
+from MedVLSAM2Lib.templates import TermDictionary
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def seg_cache(subject_a, total_labels, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture")
+    prepare(
+        _subject_items(subject_a, total_labels)[:1],
+        root / "seg",
+        GridConfig(spatial_size=(16, 64, 64)),
+        (-160.0, 240.0),
+    )
+    return VolumeCache(root / "seg")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("tiny")
+
+
+def _mixture(seg_cache, tokenizer, weights, terms=None, **options):
+    return TaskMixture(preset("tiny"), tokenizer, weights, 40, seed=5, seg_cache=seg_cache, terms=terms, **options)
+
+
+def _turns(tokenizer, ids):
+    """(user text, assistant text) of each turn of a ChatML conversation."""
+    text = tokenizer.decode(ids)
+    users = [part.split("<|im_end|>")[0] for part in text.split("<|im_start|>user\n")[1:]]
+    answers = [part.split("<|im_end|>")[0] for part in text.split("<|im_start|>assistant\n")[1:]]
+    return list(zip(users, answers, strict=True))
+
+
+def _names_by_voxel_count(seg_cache):
+    """The four structures have distinct voxel counts on the model grid: a mask's count names its structure."""
+    cached = seg_cache.load("subjectA_sm")
+    names = {int(m.sum()): name.replace("_", " ") for name, m in zip(cached.categories, cached.masks, strict=True)}
+    assert len(names) == 4
+    return names
+
+
+def test_semantic_samples_ask_about_several_structures_each_with_its_own_mask(seg_cache, tokenizer):
+    mixture = _mixture(seg_cache, tokenizer, {"semantic": 1}, objects_per_sample=3)
+    by_volume = _names_by_voxel_count(seg_cache)
+    for index in range(6):
+        sample = mixture[index]
+        turns = _turns(tokenizer, sample.input_ids)
+        assert len(sample.targets) == len(turns) == 3
+        assert sum(t == tokenizer.convert_tokens_to_ids("[SEG]") for t in sample.input_ids) == 3
+        named = [by_volume[int(t.mask.sum())] for t in sample.targets]
+        assert len(set(named)) == 3
+        for (question, answer), structure in zip(turns, named, strict=True):
+            assert structure in question and "[SEG]" in answer
+    again = _mixture(seg_cache, tokenizer, {"semantic": 1}, objects_per_sample=3)
+    assert again[4].input_ids == mixture[4].input_ids
+
+
+def test_referring_questions_use_a_description_and_answers_name_the_structure(seg_cache, tokenizer, data_dir):
+    terms = TermDictionary.load(data_dir / "m3d" / "term_dictionary.json")
+    mixture = _mixture(seg_cache, tokenizer, {"referring": 1}, terms=terms, objects_per_sample=2)
+    names = _names_by_voxel_count(seg_cache)
+    for index in range(6):
+        sample = mixture[index]
+        turns = _turns(tokenizer, sample.input_ids)
+        assert len(turns) == len(sample.targets) == 2
+        for (question, answer), target in zip(turns, sample.targets, strict=True):
+            structure = names[int(target.mask.sum())]
+            assert any(d in question for d in terms.descriptions(structure)), question
+            assert structure in answer and "[SEG]" in answer
+
+
+def test_interactive_samples_have_one_structure_with_prompts_inside_it(seg_cache, tokenizer):
+    mixture = _mixture(seg_cache, tokenizer, {"interactive": 1}, objects_per_sample=3)
+    kinds = set()
+    for index in range(10):
+        (target,) = mixture[index].targets
+        mask = target.mask.numpy() > 0
+        for point in target.points:
+            i, j, k = (int(round(c)) for c in point.ijk)
+            assert mask[k, j, i]
+        for box in target.boxes:
+            (i0, j0, k0), (i1, j1, k1) = box.min_ijk, box.max_ijk
+            inside = mask[int(k0) : int(k1) + 1, int(j0) : int(j1) + 1, int(i0) : int(i1) + 1]
+            assert inside.sum() > 0.5 * mask[int(k0) : int(k1) + 1].sum()
+        kinds.add("points" if target.points else "box")
+    assert kinds == {"points", "box"}
+
+
+def test_task_weights_set_the_task_frequencies(seg_cache, tokenizer, data_dir):
+    terms = TermDictionary.load(data_dir / "m3d" / "term_dictionary.json")
+    mixture = TaskMixture(preset("tiny"), tokenizer, {"semantic": 3, "interactive": 1}, 400, seed=1,
+                          seg_cache=seg_cache, terms=terms)  # fmt: skip
+    prompted = np.mean([bool(mixture[i].targets[0].points or mixture[i].targets[0].boxes) for i in range(400)])
+    assert prompted == pytest.approx(0.25, abs=0.06)
+
+
+def test_bad_mixture_settings_are_named(seg_cache, tokenizer):
+    with pytest.raises(InputError, match="objects_per_sample must be >= 1"):
+        _mixture(seg_cache, tokenizer, {"semantic": 1}, objects_per_sample=0)
+    with pytest.raises(InputError, match=r"unknown task\(s\) \['segment'\]"):
+        _mixture(seg_cache, tokenizer, {"segment": 1})
+    with pytest.raises(InputError, match="needs the term dictionary"):
+        _mixture(seg_cache, tokenizer, {"referring": 1})
