@@ -20,8 +20,8 @@ from MedVLSAM2Lib.data.cache import CacheItem, prepare
 from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.model.weights import load_checkpoint
 from MedVLSAM2Lib.preprocess import GridConfig
-from MedVLSAM2Lib.training.config import load_train_config
-from MedVLSAM2Lib.training.trainer import latest_checkpoint
+from MedVLSAM2Lib.training.config import TrainConfig, load_train_config
+from MedVLSAM2Lib.training.trainer import latest_checkpoint, train
 from MedVLSAM2Lib.volume import read_volume
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -126,3 +126,26 @@ def test_two_process_gloo_run_mixes_text_and_segmentation_batches(workspace, tmp
     # losses are averaged over the ranks: some steps combine a text-only rank with a segmentation rank
     assert any(0 < r["dice_loss"] for r in rows) and all(r["loss"] == r["loss"] for r in rows)
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_three_stages_chain_and_each_lowers_its_text_loss(workspace, tmp_path):
+    settings = json.loads((workspace / "stage3.yaml").read_text())
+    settings.update(samples_per_epoch=40, epochs=1, batch_size=2, save_every=1000, augmentation=False)
+    tasks = {1: {"report": 1}, 2: {"report": 1}, 3: {"report": 0.3, "semantic": 1, "interactive": 0.3}}
+    curves, previous = {}, None
+    for stage in (1, 2, 3):
+        output = tmp_path / f"stage{stage}"
+        config = TrainConfig(**{**settings, "stage": stage, "task_weights": tasks[stage], "init_from": previous,
+                                "output_dir": str(output)})  # fmt: skip
+        previous = str(train(config).final_checkpoint)
+        curves[stage] = _losses(output)
+        assert [r["step"] for r in curves[stage]] == list(range(1, 21))
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    for stage in (1, 2):
+        assert mean(curves[stage][-5:], "text_loss") < mean(curves[stage][:5], "text_loss") - 0.1
+    # each stage starts where the previous one ended, not from random weights
+    assert curves[2][0]["text_loss"] < curves[1][0]["text_loss"] - 0.2
+    assert any(r["dice_loss"] > 0 for r in curves[3])
