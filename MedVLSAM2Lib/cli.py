@@ -203,7 +203,7 @@ def _train(args: argparse.Namespace) -> int:
         bar.close()
     if result.final_checkpoint:
         print(f"trained     {result.steps} steps; checkpoint {result.final_checkpoint}")
-        print(f"curves      {result.output_dir / 'metrics.csv'}")
+        print(f"curves      {result.output_dir / 'metrics.csv'} (TensorBoard: {result.output_dir / 'tensorboard'})")
     return 0
 
 
