@@ -86,6 +86,7 @@ def test_tiny_model_overfits_liver_and_spleen_on_a_real_ct(subject_a, total_labe
                 break
     elapsed = time.monotonic() - start
     print(f"overfit: {step} steps, {elapsed:.0f} s, {results}")
+    assert results, f"no evaluation within {BUDGET_S:.0f} s ({step} steps)"
     for organ, (score, text) in results.items():
         assert score >= 0.8, f"{organ}: Dice {score:.3f} after {step} steps / {elapsed:.0f} s"
         assert text == ANSWER + "<|im_end|>", f"{organ}: generated {text!r}"
