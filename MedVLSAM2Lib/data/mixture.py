@@ -144,8 +144,8 @@ class TaskMixture(torch.utils.data.Dataset):
             spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
             terms = self.terms if task == "referring" and spoken in self.terms else None
             turns.append(segmentation_prompt(spoken, rng, terms=terms))
-            target = SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)))
-            targets.append(SegTarget(target.mask, *self._prompts(mask, rng)) if task == "interactive" else target)
+            prompts = self._prompts(mask, rng) if task == "interactive" else ((), ())
+            targets.append(SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)), *prompts))
         ids, labels = self._encode(turns)
         image = torch.from_numpy(np.ascontiguousarray(cached.image))[None]
         return Sample(image, torch.from_numpy(np.ascontiguousarray(cached.sam_image)), ids, labels, targets)
