@@ -115,20 +115,27 @@ def segmentation_prompt(
     *,
     terms: TermDictionary | None = None,
     present: bool = True,
+    phrasings: int = 0,
 ) -> tuple[str, str]:
     """A (question, answer) pair for semantic segmentation, or referring when ``terms`` is given.
 
     Referring questions replace the class name with a random description; the answer then names the
-    class. Absent targets (``present=False``) get a "no" answer without ``[SEG]``.
+    class. Absent targets (``present=False``) get a "no" answer without ``[SEG]``. ``phrasings`` > 0 draws
+    from the first that many questions and answers only (0: all of them).
     """
+    if phrasings < 0:
+        raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
     t = load_templates()
+
+    def pick(options: tuple[str, ...]) -> str:
+        return _pick(options[:phrasings] if phrasings else options, rng)
+
     if terms is None:
-        question = _pick(t.semantic_questions, rng).format(category)
-        answer = _pick(t.semantic_answers, rng) if present else _pick(t.semantic_no_answers, rng).format(category)
+        question = pick(t.semantic_questions).format(category)
+        answer = pick(t.semantic_answers) if present else pick(t.semantic_no_answers).format(category)
     else:
-        question = _pick(t.referring_questions, rng).format(terms.sample(category, rng))
-        answers = t.referring_answers if present else t.referring_no_answers
-        answer = _pick(answers, rng).format(category)
+        question = pick(t.referring_questions).format(terms.sample(category, rng))
+        answer = pick(t.referring_answers if present else t.referring_no_answers).format(category)
     return question, answer
 
 

@@ -6,6 +6,7 @@ from functools import partial
 
 import numpy as np
 import pytest
+from corpus import ORGANS, load_pair
 
 from MedVLSAM2Lib.cli import main
 from MedVLSAM2Lib.data.cache import CacheItem, VolumeCache, prepare
@@ -20,15 +21,10 @@ GRID = GridConfig(spatial_size=(16, 64, 64))
 WINDOW = (-160.0, 240.0)
 
 
-def _load_pair(ct_path, labels_path, names):
-    labels = read_volume(labels_path).array
-    return read_volume(ct_path), {name: labels == value for name, value in names.items()}
-
-
 def _subject_items(subject_a, total_labels):
-    names = {n: total_labels[n] for n in ("liver", "spleen", "kidney_left", "kidney_right")}
-    ct_sm = partial(_load_pair, subject_a / "example_ct_sm.nii.gz", subject_a / "example_seg.nii.gz", names)
-    ct = partial(_load_pair, subject_a / "example_ct.nii.gz", subject_a / "example_seg_fast_force_split.nii.gz", names)
+    names = {n: total_labels[n] for n in ORGANS}
+    ct_sm = partial(load_pair, subject_a / "example_ct_sm.nii.gz", subject_a / "example_seg.nii.gz", names)
+    ct = partial(load_pair, subject_a / "example_ct.nii.gz", subject_a / "example_seg_fast_force_split.nii.gz", names)
     return [CacheItem("subjectA_sm", ct_sm), CacheItem("subjectA", ct)]
 
 

@@ -13,7 +13,7 @@ from MedVLSAM2Lib.data.mixture import TaskMixture
 from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.model.language import build_tokenizer
 from MedVLSAM2Lib.preprocess import GridConfig
-from MedVLSAM2Lib.templates import TermDictionary
+from MedVLSAM2Lib.templates import TermDictionary, load_templates
 
 pytestmark = pytest.mark.realdata
 
@@ -110,9 +110,29 @@ def test_task_weights_set_the_task_frequencies(seg_cache, tokenizer, data_dir):
     assert prompted == pytest.approx(0.25, abs=0.06)
 
 
+def test_phrasings_limit_the_templates_to_the_first_ones(seg_cache, tokenizer, data_dir):
+    templates = load_templates()
+    terms = TermDictionary.load(data_dir / "m3d" / "term_dictionary.json")
+    weights = {"semantic": 1, "referring": 1}
+    turns = {
+        n: [turn for i in range(30) for turn in _turns(tokenizer, _mixture(seg_cache, tokenizer, weights, terms=terms,
+                                                                            phrasings=n)[i].input_ids)]
+        for n in (0, 2)
+    }  # fmt: skip
+    allowed_answers = {a.format(name) for a in templates.semantic_answers[:2] + templates.referring_answers[:2]
+                       for name in ("liver", "spleen", "kidney left", "kidney right")}  # fmt: skip
+    assert {answer for _, answer in turns[2]} <= allowed_answers
+    openings = {q.split("{}")[0] for q in templates.semantic_questions[:2]}
+    semantic_questions = [q for q, a in turns[2] if a in templates.semantic_answers]
+    assert semantic_questions and all(any(q.startswith(o) for o in openings) for q in semantic_questions)
+    assert len({answer for _, answer in turns[0]}) > len({answer for _, answer in turns[2]})
+
+
 def test_bad_mixture_settings_are_named(seg_cache, tokenizer):
     with pytest.raises(InputError, match="objects_per_sample must be >= 1"):
         _mixture(seg_cache, tokenizer, {"semantic": 1}, objects_per_sample=0)
+    with pytest.raises(InputError, match="phrasings must be >= 0"):
+        _mixture(seg_cache, tokenizer, {"semantic": 1}, phrasings=-1)
     with pytest.raises(InputError, match=r"unknown task\(s\) \['segment'\]"):
         _mixture(seg_cache, tokenizer, {"segment": 1})
     with pytest.raises(InputError, match="needs the term dictionary"):

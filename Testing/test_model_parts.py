@@ -7,6 +7,7 @@ import torch
 
 from MedVLSAM2Lib.config import ProjectorConfig, preset
 from MedVLSAM2Lib.model.language import IGNORE_INDEX, ChatTokens, build_tokenizer, encode_conversation
+from MedVLSAM2Lib.model.medvlsam2 import SegTokenProjector
 from MedVLSAM2Lib.model.projector import build_projector
 from MedVLSAM2Lib.model.segmenter import VolumeSegmenter, prepare_slices
 from MedVLSAM2Lib.model.vision import VisionEncoder3D
@@ -126,3 +127,13 @@ def test_decoder_logits_are_the_mask_logits_before_the_object_score_gate():
     torch.testing.assert_close(out.mask_logits[shown], out.decoder_logits[shown])
     assert (out.mask_logits[~shown] == -1024.0).all()
     assert (out.decoder_logits[~shown] != -1024.0).all()  # the loss still sees the decoder on gated slices
+
+
+def test_seg_token_projector_gives_prompts_on_the_scale_of_sam2_prompt_embeddings():
+    torch.manual_seed(0)
+    segmenter = VolumeSegmenter(preset("tiny").segmenter)
+    sam_prompt = segmenter.sam.sam_prompt_encoder.point_embeddings[0].weight  # unit normal, SAM2's init
+    hidden = torch.nn.functional.rms_norm(torch.randn(256, 128), (128,))  # the LLM's final-norm output scale
+    prompt = SegTokenProjector(128, sam_prompt.shape[1])(hidden)
+    rms = prompt.pow(2).mean().sqrt().item()
+    assert 0.5 < rms < 3.0, rms  # PyTorch's default Linear init gives ~0.25, which SAM2's decoder ignores at first

@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from organ_dice import model_inputs, organ_dice, segmentation_question
 
 from MedVLSAM2Lib.config import preset
 from MedVLSAM2Lib.data.mixture import Sample, collate
-from MedVLSAM2Lib.demo import dice
 from MedVLSAM2Lib.model.language import encode_conversation
 from MedVLSAM2Lib.model.medvlsam2 import ALL_PARTS, MedVLSAM2Model, SegTarget
-from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, probabilities_from_model, to_model
+from MedVLSAM2Lib.preprocess import mask_to_model
 from MedVLSAM2Lib.volume import read_volume
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -26,41 +26,17 @@ BUDGET_S = 300.0
 ANSWER = "It is [SEG]."
 
 
-def _question(organ: str) -> str:
-    return f"Can you segment the {organ} in this image?"
-
-
 def _training_batch(model, ct, labels, organs):
     config = model.config
-    grid = config.vision.img_size
-    image, record = to_model(ct, GridConfig(spatial_size=grid))
-    windowed, _ = to_model(ct, GridConfig(spatial_size=grid, intensity="window", window=config.segmenter.window))
+    image, sam_image, record = model_inputs(model, ct)
     samples = []
     for organ, value in organs.items():
         ids, supervised = encode_conversation(
-            model.tokenizer, config.system_prompt, [(_question(organ), ANSWER)], config.projector.out_tokens
+            model.tokenizer, config.system_prompt, [(segmentation_question(organ), ANSWER)], config.projector.out_tokens
         )
         mask = torch.from_numpy(mask_to_model((labels == value).astype(np.uint8), record)).float()
-        samples.append(
-            Sample(torch.from_numpy(image)[None], torch.from_numpy(windowed), ids, supervised, [SegTarget(mask)])
-        )
-    return collate(samples, model.tokens.pad), record
-
-
-def _evaluate(model, batch, record, labels, organs):
-    """Generate each answer, segment from its [SEG] token, map back to the CT's own grid, Dice vs the label map."""
-    model.eval()
-    results = {}
-    for organ, value in organs.items():
-        prompt = model.prompt_ids(_question(organ))
-        answer = model.generate(batch.image[:1], prompt, max_new_tokens=8)
-        probs = model.segment_answer(batch.image[:1], batch.sam_image[:1], prompt, answer)
-        score = (
-            0.0 if probs is None else dice(labels == value, probabilities_from_model(probs[0].numpy(), record) > 0.5)
-        )
-        results[organ] = (score, model.tokenizer.decode(answer))
-    model.train()
-    return results
+        samples.append(Sample(image, sam_image, ids, supervised, [SegTarget(mask)]))
+    return collate(samples, model.tokens.pad)
 
 
 def test_tiny_model_overfits_liver_and_spleen_on_a_real_ct(subject_a, total_labels):
@@ -70,7 +46,7 @@ def test_tiny_model_overfits_liver_and_spleen_on_a_real_ct(subject_a, total_labe
     organs = {"liver": total_labels["liver"], "spleen": total_labels["spleen"]}
     model = MedVLSAM2Model(preset("tiny"))
     model.set_trainable(ALL_PARTS)
-    batch, record = _training_batch(model, ct, labels, organs)
+    batch = _training_batch(model, ct, labels, organs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     start, step, results = time.monotonic(), 0, {}
     while time.monotonic() - start < BUDGET_S:
@@ -80,7 +56,7 @@ def test_tiny_model_overfits_liver_and_spleen_on_a_real_ct(subject_a, total_labe
         loss.backward()
         optimizer.step()
         if step % 20 == 0:
-            results = _evaluate(model, batch, record, labels, organs)
+            results = organ_dice(model, ct, labels, organs)
             print(f"step {step} {time.monotonic() - start:.0f}s loss {loss.item():.3f} {results}")
             if all(score >= 0.8 for score, _ in results.values()):
                 break

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from test_cache import _load_pair
+from corpus import ORGANS, load_pair, prepare_text_cache
 
 from MedVLSAM2Lib.data.cache import CacheItem, prepare
 from MedVLSAM2Lib.errors import InputError
@@ -22,14 +22,9 @@ from MedVLSAM2Lib.model.weights import load_checkpoint
 from MedVLSAM2Lib.preprocess import GridConfig
 from MedVLSAM2Lib.training.config import TrainConfig, load_train_config
 from MedVLSAM2Lib.training.trainer import latest_checkpoint, train
-from MedVLSAM2Lib.volume import read_volume
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 LOSSES = ("loss", "text_loss", "bce_loss", "dice_loss", "object_loss")
-
-
-def _ct_only(path):
-    return read_volume(path), None
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +32,10 @@ def workspace(tmp_path_factory, data_dir, subject_a, total_labels):
     """Caches of real CTs (subject A with four organs; subject B's CT for report text) and a stage-3 config."""
     root = tmp_path_factory.mktemp("train")
     grid, window = GridConfig(spatial_size=(16, 64, 64)), (-160.0, 240.0)
-    names = {n: total_labels[n] for n in ("liver", "spleen", "kidney_left", "kidney_right")}
-    seg = partial(_load_pair, subject_a / "example_ct_sm.nii.gz", subject_a / "example_seg.nii.gz", names)
+    names = {n: total_labels[n] for n in ORGANS}
+    seg = partial(load_pair, subject_a / "example_ct_sm.nii.gz", subject_a / "example_seg.nii.gz", names)
     prepare([CacheItem("subjectA_sm", seg)], root / "seg", grid, window)
-    ct_b = data_dir / "totalsegmentator" / "subjectB_chest_cta_aorta_crop" / "ct_cropped.nii.gz"
-    prepare([CacheItem("valid_1_a_1", partial(_ct_only, ct_b))], root / "text", grid, window)
-    report = next(csv.DictReader((data_dir / "ct_rate" / "ctclip_text_classifier" / "val.csv").open()))["report_text"]
-    with (root / "reports.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"])
-        writer.writerow(["valid_1_a_1.nii.gz", "Not given.", "Not given.", report, "Not given."])
+    prepare_text_cache(root, data_dir, grid, window)
     config = {
         "stage": 3, "preset": "tiny", "text_cache": str(root / "text"), "seg_cache": str(root / "seg"),
         "reports_csv": str(root / "reports.csv"), "term_dictionary": str(data_dir / "m3d" / "term_dictionary.json"),
@@ -80,6 +69,9 @@ def test_bad_configs_stop_before_any_work(workspace, tmp_path):
         load_train_config(path)
     path.write_text((workspace / "stage3.yaml").read_text().replace(str(workspace / "seg"), str(tmp_path / "nowhere")))
     with pytest.raises(InputError, match=r"seg_cache = .*nowhere does not exist"):
+        load_train_config(path)
+    path.write_text((workspace / "stage3.yaml").read_text().replace('"seed"', '"phrasings": -2, "seed"'))
+    with pytest.raises(InputError, match="phrasings must be >= 0"):
         load_train_config(path)
 
 

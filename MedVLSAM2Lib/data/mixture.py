@@ -59,6 +59,7 @@ class TaskMixture(torch.utils.data.Dataset):
         terms: TermDictionary | None = None,
         augmentation: bool = False,
         objects_per_sample: int = 1,
+        phrasings: int = 0,
     ) -> None:
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -75,6 +76,9 @@ class TaskMixture(torch.utils.data.Dataset):
         if objects_per_sample < 1:
             raise InputError(f"objects_per_sample must be >= 1, got {objects_per_sample}.")
         self.objects_per_sample = objects_per_sample
+        if phrasings < 0:
+            raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
+        self.phrasings = phrasings
         self.reports = {k: v for k, v in (reports or {}).items() if text_cache and k in text_cache.entries}
         self.vqa = {k: v for k, v in (vqa or {}).items() if text_cache and k in text_cache.entries}
         self.seg_volumes = [n for n, e in (seg_cache.entries.items() if seg_cache else []) if e["present"]]
@@ -143,7 +147,7 @@ class TaskMixture(torch.utils.data.Dataset):
             mask = cached.masks[cached.categories.index(category)]
             spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
             terms = self.terms if task == "referring" and spoken in self.terms else None
-            turns.append(segmentation_prompt(spoken, rng, terms=terms))
+            turns.append(segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings))
             prompts = self._prompts(mask, rng) if task == "interactive" else ((), ())
             targets.append(SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)), *prompts))
         ids, labels = self._encode(turns)

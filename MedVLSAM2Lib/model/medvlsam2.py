@@ -102,11 +102,19 @@ class MedVLSAM2Output:
 
 
 class SegTokenProjector(nn.Module):
-    """``[SEG]`` hidden state ``(n, d_llm)`` → SAM2 prompt token ``(n, d_sam)`` (Sa2VA's text_hidden_fcs)."""
+    """``[SEG]`` hidden state ``(n, d_llm)`` → SAM2 prompt token ``(n, d_sam)`` (Sa2VA's text_hidden_fcs).
+
+    He-initialised (fan-in, ReLU): a unit-scale hidden state (the LLM's final RMSNorm output) gives a prompt
+    token of about unit scale, like SAM2's own learned prompt embeddings (unit normal). PyTorch's default
+    ``Linear`` init gives about a quarter of that, which SAM2's decoder starts out ignoring.
+    """
 
     def __init__(self, d_llm: int, d_sam: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(nn.Linear(d_llm, d_llm), nn.ReLU(inplace=True), nn.Linear(d_llm, d_sam))
+        for layer in (self.layers[0], self.layers[2]):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.layers(hidden)

@@ -40,6 +40,8 @@ class TrainConfig:
         gradient_checkpointing: recompute ViT blocks in backward.
         augmentation: M3D's random rotation/flips/intensity changes (see ``data/augment.py``).
         objects_per_sample: structures asked about per semantic/referring sample, one turn each (LISA's 3).
+        phrasings: segmentation questions/answers drawn from the first N templates only (0: all, the paper).
+            Random toy LLMs cannot learn paraphrase-invariant ``[SEG]`` states in minutes; pretrained ones bring it.
         train_sam_memory: stage 3 also trains SAM2's memory path.
         extra_parts: more trainable parts on top of the stage plan (e.g. ``sam_image_encoder`` for toy models).
         seed: one seed for model init, sampling and dropout.
@@ -72,6 +74,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     augmentation: bool = True
     objects_per_sample: int = 3
+    phrasings: int = 0
     train_sam_memory: bool = False
     extra_parts: list[str] = field(default_factory=list)
     seed: int = 0
@@ -107,6 +110,8 @@ class TrainConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"train config: {name} must be >= 1, got {getattr(self, name)}.")
+        if self.phrasings < 0:
+            raise InputError(f"train config: phrasings must be >= 0 (0 = every template), got {self.phrasings}.")
 
     def check_paths(self) -> None:
         """Raise :class:`InputError` naming the first configured path that does not exist."""
