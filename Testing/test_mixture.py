@@ -123,7 +123,7 @@ def test_phrasings_limit_the_templates_to_the_first_ones(seg_cache, tokenizer, d
                        for name in ("liver", "spleen", "kidney left", "kidney right")}  # fmt: skip
     assert {answer for _, answer in turns[2]} <= allowed_answers
     openings = {q.split("{}")[0] for q in templates.semantic_questions[:2]}
-    semantic_questions = [q for q, a in turns[2] if a in templates.semantic_answers]
+    semantic_questions = [q.replace("<image>", "").lstrip("\n") for q, a in turns[2] if a in templates.semantic_answers]
     assert semantic_questions and all(any(q.startswith(o) for o in openings) for q in semantic_questions)
     assert len({answer for _, answer in turns[0]}) > len({answer for _, answer in turns[2]})
 
