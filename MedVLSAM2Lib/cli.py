@@ -1,4 +1,5 @@
-"""The ``medvlsam2`` command line: ``demo`` and ``doctor`` (more subcommands arrive with the engine).
+"""The ``medvlsam2`` command line: ``demo``, ``report``, ``ask``, ``chat``, ``segment``, ``prepare``, ``train``,
+``doctor``.
 
 The only place (with the Slicer Widget) that turns library errors into messages and exit codes:
 a :class:`MedVLSAM2Error` prints one line and exits 2; anything else is a bug and keeps its traceback.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from .errors import MedVLSAM2Error
+from .errors import InputError, MedVLSAM2Error
 
 __all__ = ["main"]
 
@@ -119,39 +122,182 @@ def _parameter_report(name: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .demo import DEFAULT_STEPS, run_demo
 
-    from .demo import run_demo
+    bar = None
 
-    result = run_demo(
-        args.output, volume_path=args.volume, segmentation_path=args.segmentation, target=args.target, seed=args.seed
-    )
-    volume, record = result.volume, result.record
-    np.set_printoptions(precision=3, suppress=True)
+    def progress(step: int, total: int, metrics: dict) -> None:
+        nonlocal bar
+        bar = bar or _bar(total, "fine-tune tiny preset", "step")
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+
+    result = run_demo(args.output, volume_path=args.volume, segmentation_path=args.segmentation, weights=args.weights,
+                      steps=args.steps or DEFAULT_STEPS, seed=args.seed, device=args.device,
+                      on_step=progress)  # fmt: skip
+    if bar:
+        bar.close()
+    volume = result.volume
     print(f"volume      {volume.metadata.get('source_path')}")
-    print(
-        f"            {volume.array.shape[2]}x{volume.array.shape[1]}x{volume.array.shape[0]} voxels (I x J x K), "
-        f"spacing {np.round(volume.spacing, 3).tolist()} mm, axes {''.join(volume.axcodes)}, "
-        f"HU {volume.array.min()}..{volume.array.max()}"
-    )
-    print(
-        f"model grid  {record.spatial_size} (D, H, W) from the canonical (LPS) crop "
-        f"{record.crop_start}..{record.crop_stop} (KJI), "
-        f"min-max {record.intensity_range[0]:.0f}..{record.intensity_range[1]:.0f} -> [0, 1]"
-    )
-    print("round trip  volume -> model grid -> volume, Dice per segment:")
-    for name, score in result.dice_per_segment.items():
-        print(f"            {name:<28} {score:.4f}")
-    print(f"prompts     target '{result.target}' (seed {args.seed})")
-    for point, model in zip(result.points, result.points_model, strict=True):
-        print(f"            point ijk {np.round(point.ijk, 1).tolist()} -> model whd {np.round(model.ijk, 1).tolist()}")
-    print(
-        f"            box ijk {np.round(result.box.min_ijk, 1).tolist()}..{np.round(result.box.max_ijk, 1).tolist()}"
-        f" -> model whd {np.round(result.box_model.min_ijk, 1).tolist()}.."
-        f"{np.round(result.box_model.max_ijk, 1).tolist()}"
-    )
+    print(f"            {volume.array.shape[2]}x{volume.array.shape[1]}x{volume.array.shape[0]} voxels (I x J x K), "
+          f"spacing {[round(float(s), 3) for s in volume.spacing]} mm")  # fmt: skip
+    trained = f" (fine-tuned in {result.training_seconds:.0f} s)" if not args.weights else ""
+    print(f"model       {result.model}{trained}")
+    print(f"report      {result.report}")
+    for turn in result.chat:
+        print(f"ask         {turn['question']}\n            -> {turn['answer']}")
+    print(f"{'task':<12}{'target':<12}{'Dice':>7}  {'grid max':>8}  answer")
+    for task in result.tasks:
+        print(
+            f"{task.task:<12}{task.target:<12}{task.dice:>7.3f}  {result.grid_dice[task.target]:>8.3f}  {task.answer}"
+        )
     print("wrote       " + "\n            ".join(str(p) for p in result.files))
     return 0
+
+
+def _bar(total: int | None, desc: str, unit: str):  # noqa: ANN202
+    """A progress bar on stderr (hidden when stderr is not a terminal, so piped errors stay one line)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, leave=False)
+
+
+def _open(args: argparse.Namespace):  # noqa: ANN202
+    """Load the engine and encode the CT named on the command line: ``(engine, handle)``."""
+    from .engine import InferenceEngine
+    from .volume import read_volume
+
+    if bool(args.weights) == bool(args.preset):
+        raise InputError("give either --weights DIR (a trained checkpoint) or --preset NAME (random weights).")
+    with _bar(3, "load", "step") as bar:
+        engine = InferenceEngine.load(args.weights or args.preset, device=args.device, dtype=args.dtype)
+        bar.update()
+        volume = read_volume(args.ct)
+        bar.update()
+        handle = engine.encode(volume)
+        bar.update()
+    return engine, handle
+
+
+def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
+    print(json.dumps(data) if args.json else text, flush=True)
+
+
+def _report(args: argparse.Namespace) -> int:
+    engine, handle = _open(args)
+    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    report = engine.report(handle, on_token=stream)
+    data = {"text": report.text, "findings": report.findings, "impression": report.impression,
+            "seconds": round(report.seconds, 3)}  # fmt: skip
+    if args.json:
+        _emit(args, data, "")
+    else:
+        print()
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise InputError("the question is empty.")
+    engine, handle = _open(args)
+    answer = engine.ask(handle, args.question, kind=args.kind)
+    _emit(args, {"question": args.question, "kind": answer.kind, "answer": answer.text, "choice": answer.choice,
+                 "seconds": round(answer.seconds, 3)}, answer.text)  # fmt: skip
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    engine, handle = _open(args)
+    history: list[tuple[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            return 0
+        if not line.strip():
+            continue
+        answer = engine.ask(handle, line.strip(), history=history, kind=args.kind)
+        history.append((line.strip(), answer.text))
+        _emit(args, {"turn": len(history), "question": line.strip(), "answer": answer.text, "choice": answer.choice},
+              f"model> {answer.text}" if interactive else answer.text)  # fmt: skip
+
+
+def _numbers(text: str, count: tuple[int, ...], what: str, example: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in count:
+        raise InputError(f"{what} {text!r}: expected {example}.")
+    return values
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .prompts import BoxPrompt, PointPrompt
+
+    points = []
+    for text in args.point:
+        values = _numbers(text, (3, 4), "--point", "i,j,k or i,j,k,label (label 1 positive, 0 negative)")
+        points.append(PointPrompt(tuple(values[:3]), int(values[3]) if len(values) == 4 else 1))
+    boxes = []
+    for text in args.box:
+        values = _numbers(text, (6,), "--box", "i0,j0,k0,i1,j1,k1 (min corner, then max corner)")
+        boxes.append(BoxPrompt(tuple(values[:3]), tuple(values[3:])))
+    if args.text is not None and not args.text.strip():
+        raise InputError("--text is empty; give a structure name or a description.")
+    if args.text is None and not points and not boxes:
+        raise InputError("nothing to segment: give --text, --point or --box.")
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        _check_output(output, args.overwrite)
+    engine, handle = _open(args)
+    result = engine.segment(handle, text=args.text, points=points, boxes=boxes)
+    data = {"question": result.question, "answer": result.answer, "output": str(output) if output else None,
+            "objects": [{"label": o.label, "voxels": int(o.mask.sum()), "score": round(o.score, 4), "value": n + 1}
+                        for n, o in enumerate(result.objects)],
+            "timings": {k: round(v, 3) for k, v in result.timings.items()}}  # fmt: skip
+    if not result.objects:
+        _emit(args, data, f"answer      {result.answer}")
+        raise InputError(f"the model answered {result.answer!r} without a mask ([SEG]); nothing written.")
+    if output is not None:
+        _write_masks(handle.volume, result.objects, output)
+    lines = [f"answer      {result.answer}"]
+    lines += [f"mask        {o.label}: {int(o.mask.sum())} voxels, score {o.score:.3f}" for o in result.objects]
+    _emit(args, data, "\n".join(lines + ([f"wrote       {output}"] if output else [])))
+    return 0
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    name = output.name.lower()
+    if not name.endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")):
+        raise InputError(f"{output}: write .seg.nrrd (Slicer segmentation), .nii.gz, .nii, .nrrd or .mha.")
+    if output.exists() and not overwrite:
+        raise InputError(f"{output}: exists; choose another -o or pass --overwrite.")
+
+
+def _write_masks(volume, objects, output: Path) -> None:  # noqa: ANN001
+    """A ``.seg.nrrd`` with one named segment per object, or a label map (value n = object n) on the CT's grid."""
+    import numpy as np
+
+    from .segmentation import Segment, Segmentation, write_segmentation
+    from .terminology import lookup
+    from .volume import write_volume
+
+    if output.name.lower().endswith(".seg.nrrd"):
+        segments, seen = [], set()
+        for n, obj in enumerate(objects):
+            name = obj.label if obj.label not in seen else f"{obj.label} {n + 1}"
+            seen.add(name)
+            color, terminology = lookup(obj.label) or (None, None)
+            segments.append(Segment(name, obj.mask.astype(bool), color, terminology))
+        write_segmentation(Segmentation(volume.ijk_to_ras.copy(), segments), output)
+        return
+    labels = np.zeros(objects[0].mask.shape, np.uint8)
+    for n, obj in enumerate(objects):
+        labels[(obj.mask > 0) & (labels == 0)] = n + 1
+    write_volume(volume.with_array(labels), output)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -212,14 +358,41 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medvlsam2", description="MedVL-SAM2: 3D CT report generation, VQA and segmentation."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the embedded-default demo on a real chest CT shipped with slicerio")
     demo.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
     demo.add_argument("--volume", help="another CT volume instead of the packaged one")
     demo.add_argument("--segmentation", help="a .seg.nrrd on the volume's grid (needed with --volume)")
-    demo.add_argument("--target", default="right lung", help="segment to synthesise prompts on")
-    demo.add_argument("--seed", type=int, default=0, help="random seed for prompt synthesis")
+    demo.add_argument("--weights", help="run this trained checkpoint instead of fine-tuning the tiny preset")
+    demo.add_argument("--steps", type=int, help="fine-tuning steps (default: 500)")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    demo.add_argument("--seed", type=int, default=0, help="random seed for training and prompt synthesis")
     demo.set_defaults(run=_demo)
+    for name, helptext in (
+        ("report", "generate a radiology report for a CT"),
+        ("ask", "answer one question about a CT"),
+        ("chat", "chat about a CT (questions from stdin, history kept)"),
+        ("segment", "segment a CT from text and/or point/box prompts"),
+    ):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("ct", help="CT volume: NIfTI, NRRD, MHA or a DICOM series folder")
+        if name == "ask":
+            sub.add_argument("question")
+        if name in ("ask", "chat"):
+            sub.add_argument("--kind", default="short", help="answer style: short, long or choice")
+        if name == "segment":
+            sub.add_argument("--text", help='structure name ("liver") or a description')
+            sub.add_argument("--point", action="append", default=[], help="i,j,k[,label] in the CT's voxels")
+            sub.add_argument("--box", action="append", default=[], help="i0,j0,k0,i1,j1,k1 in the CT's voxels")
+            sub.add_argument("-o", "--output", help="mask file: .seg.nrrd (segments) or .nii.gz/.nrrd (label map)")
+            sub.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        sub.add_argument("--weights", help="trained checkpoint folder (config.json + model.safetensors)")
+        sub.add_argument("--preset", help="random-weight preset instead (tiny, small, paper): tests the pipeline")
+        sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+        sub.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (GPU)")
+        sub.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        sub.set_defaults(run={"report": _report, "ask": _ask, "chat": _chat, "segment": _segment}[name])
     prep = commands.add_parser("prepare", help="convert a dataset once to model-grid tensors (resumable)")
     prep.add_argument("dataset", choices=["ctrate", "m3dseg"])
     prep.add_argument("source", help="CT-RATE 'dataset' folder, or the M3D_Seg root")
@@ -263,8 +436,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except MedVLSAM2Error as err:
+        if args.debug:
+            raise
         print(f"medvlsam2 {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"medvlsam2 {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,35 +1,61 @@
-"""The embedded-default demo: a real chest CT and its Slicer segmentation, both shipped in ``slicerio``.
+"""The embedded-default demo: every task through :class:`InferenceEngine` on a real chest CT.
 
-It reads the volume and the ``.seg.nrrd``, maps every segment to the model grid and back (Dice per
-segment), synthesises point and box prompts on one target, and writes ``demo-output/``: the
-target's round-tripped mask (NIfTI), all round-tripped segments (``.seg.nrrd``) and a PNG of an
-axial slice with the masks and prompts drawn. Returns a :class:`DemoResult`; printing is the CLI's job.
+The CT and its Slicer segmentation ship inside ``slicerio``. Without ``weights`` the demo fine-tunes the tiny
+preset on that one volume (:mod:`MedVLSAM2Lib.demo_training`); with ``weights`` it runs that model as is.
+Then it asks for a report and a multiple-choice answer and segments both lungs four ways (semantic,
+referring, box, points), scores each mask against the shipped segmentation (Dice) and writes
+``demo-output/`` atomically. Returns a :class:`DemoResult`; printing is the CLI's job.
+
+What it proves: the pipeline end to end (reading, grid mapping, generation, ``[SEG]`` → SAM2 masks, prompts
+in the volume's IJK, outputs on its own grid). What it does not: clinical accuracy, which needs the trained
+paper-scale weights (``--weights``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
-from .preprocess import GridConfig, GridRecord, mask_from_model, mask_to_model, to_model
+from .metrics import dice
+from .preprocess import GridConfig, mask_from_model, mask_to_model, to_model
 from .prompts import BoxPrompt, PointPrompt, synthesize_box, synthesize_points
 from .segmentation import Segment, Segmentation, read_segmentation, write_segmentation
+from .templates import TermDictionary
+from .terminology import lookup
 from .volume import Volume, orientation_transform, read_volume, reorient_points, write_volume
 
-__all__ = ["DemoResult", "run_demo", "dice"]
+__all__ = ["TaskResult", "DemoResult", "run_demo", "default_inputs", "DEFAULT_STEPS"]
 
 logger = logging.getLogger(__name__)
 
 MARKER = ".medvlsam2-demo"  # marks a folder the demo may replace on the next run
-DEFAULT_TARGET = "right lung"
+TARGETS = ("right lung", "left lung")
+DEFAULT_STEPS = 500
 DISPLAY_WINDOW_HU = (-1000.0, 400.0)
+
+
+@dataclass
+class TaskResult:
+    """One segmentation run of the demo."""
+
+    task: str
+    target: str
+    question: str
+    answer: str
+    dice: float
+    score: float
+    seconds: float
+    points: list[list[float]] = field(default_factory=list)
+    boxes: list[list[list[float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -37,21 +63,13 @@ class DemoResult:
     """What the demo computed and wrote."""
 
     volume: Volume
-    record: GridRecord
-    dice_per_segment: dict[str, float]
-    target: str
-    points: list[PointPrompt]
-    box: BoxPrompt
-    points_model: list[PointPrompt]
-    box_model: BoxPrompt
+    model: str
+    training_seconds: float
+    report: str
+    chat: list[dict]
+    tasks: list[TaskResult]
+    grid_dice: dict[str, float]
     files: list[Path] = field(default_factory=list)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two binary masks (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
 def default_inputs() -> tuple[Path, Path]:
@@ -83,69 +101,55 @@ def _publish(tmp: Path, output: Path) -> None:
         os.replace(tmp, output)
 
 
-def _slice_rgb(
-    display: Volume, masks: list[tuple[np.ndarray, tuple[float, float, float] | None]], k: int
-) -> np.ndarray:
-    low, high = DISPLAY_WINDOW_HU
-    gray = np.clip((display.array[k].astype(np.float32) - low) / (high - low), 0, 1) * 255
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    for mask, color in masks:
-        rgb[mask[k]] = 0.55 * rgb[mask[k]] + 0.45 * np.asarray(color or (1.0, 0.0, 0.0)) * 255
-    return rgb
-
-
-def _overlay_png(
-    volume: Volume, segmentation: Segmentation, points: list[PointPrompt], box: BoxPrompt, path: Path
-) -> None:
-    """Two axial slices in radiological display (patient right on the left), 4x enlarged: the points'
-    slice with the points (green) and the box's slice with the box (yellow), masks tinted in segment colours."""
+def _overlay_png(volume: Volume, truth: np.ndarray, predicted: np.ndarray, color: tuple[float, float, float],
+                 points: list[PointPrompt], boxes: list[BoxPrompt], path: Path) -> None:  # fmt: skip
+    """Shipped (left) and predicted (right) mask on one axial slice in radiological display, 4x enlarged:
+    the prompts' slice, else the slice where the truth is largest; points green, boxes yellow."""
     from PIL import Image, ImageDraw
 
     transform = orientation_transform(volume.ijk_to_ras, "LPS")
     display = volume.reoriented("LPS")
-    masks = [
-        (Volume(s.mask.astype(np.uint8), volume.ijk_to_ras).reoriented("LPS").array.astype(bool), s.color)
-        for s in segmentation.segments
-    ]
-    shown_points = reorient_points(np.array([p.ijk for p in points]), transform, volume.shape_ijk)
-    corners = reorient_points(np.array([box.min_ijk, box.max_ijk]), transform, volume.shape_ijk)
-    scale = 4
-    panels = []
-    for k in (int(round(shown_points[0, 2])), int(round(corners[0, 2]))):
-        rgb = _slice_rgb(display, masks, k).astype(np.uint8)
-        panels.append(Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.NEAREST))
-    image = Image.new("RGB", (panels[0].width * 2, panels[0].height))
-    image.paste(panels[0], (0, 0))
-    image.paste(panels[1], (panels[0].width, 0))
-    draw = ImageDraw.Draw(image)
-    for i, j, _ in shown_points:
-        x, y = (i + 0.5) * scale, (j + 0.5) * scale
+    shown = [Volume(m.astype(np.uint8), volume.ijk_to_ras).reoriented("LPS").array.astype(bool)
+             for m in (truth, predicted)]  # fmt: skip
+    corners = [reorient_points(np.array([b.min_ijk, b.max_ijk]), transform, volume.shape_ijk) for b in boxes]
+    dots = reorient_points(np.array([p.ijk for p in points]), transform, volume.shape_ijk) if points else None
+    if dots is not None:
+        k = int(round(dots[0, 2]))
+    elif corners:
+        k = int(round(corners[0][:, 2].mean()))
+    else:
+        k = int(np.argmax(shown[0].sum(axis=(1, 2))))
+    low, high = DISPLAY_WINDOW_HU
+    gray = np.clip((display.array[k].astype(np.float32) - low) / (high - low), 0, 1) * 255
+    scale, panels = 4, []
+    for mask in shown:
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+        rgb[mask[k]] = 0.55 * rgb[mask[k]] + 0.45 * np.asarray(color) * 255
+        image = Image.fromarray(rgb.astype(np.uint8))
+        panels.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+    canvas = Image.new("RGB", (panels[0].width * 2, panels[0].height))
+    canvas.paste(panels[0], (0, 0))
+    canvas.paste(panels[1], (panels[0].width, 0))
+    draw, offset = ImageDraw.Draw(canvas), panels[0].width
+    for i, j, _ in dots if dots is not None else ():
+        x, y = offset + (i + 0.5) * scale, (j + 0.5) * scale
         draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline=(0, 255, 0), width=2)
-    (i0, j0), (i1, j1) = np.sort(corners[:, :2], axis=0)
-    offset = panels[0].width
-    draw.rectangle(
-        [offset + (i0 + 0.5) * scale, (j0 + 0.5) * scale, offset + (i1 + 0.5) * scale, (j1 + 0.5) * scale],
-        outline=(255, 255, 0),
-        width=2,
-    )
-    image.save(path)
+    for box in corners:
+        (i0, j0), (i1, j1) = np.sort(box[:, :2], axis=0)
+        draw.rectangle([offset + (i0 + 0.5) * scale, (j0 + 0.5) * scale, offset + (i1 + 0.5) * scale,
+                        (j1 + 0.5) * scale], outline=(255, 255, 0), width=2)  # fmt: skip
+    canvas.save(path)
 
 
-def run_demo(
-    output: str | os.PathLike = "demo-output",
-    *,
-    volume_path: str | os.PathLike | None = None,
-    segmentation_path: str | os.PathLike | None = None,
-    target: str = DEFAULT_TARGET,
-    seed: int = 0,
-    config: GridConfig | None = None,
-) -> DemoResult:
-    """Run the demo on the packaged chest CT (or given files) and write the output folder atomically.
+def _grid_dice(volume: Volume, segmentation: Segmentation, size: tuple[int, int, int]) -> dict[str, float]:
+    """The best Dice a model-grid mask can reach: each target mapped to the model grid and back."""
+    _, record = to_model(volume, GridConfig(spatial_size=size))
+    return {name: dice(segmentation.mask(name), mask_from_model(mask_to_model(segmentation.mask(name).astype(np.uint8),
+            record), record)) for name in TARGETS}  # fmt: skip
 
-    Raises:
-        InputError: unreadable inputs, grids that differ, an unknown ``target`` segment, or an
-            ``output`` folder that exists and was not written by the demo.
-    """
+
+def _read_inputs(volume_path: str | os.PathLike | None,
+                 segmentation_path: str | os.PathLike | None) -> tuple[Volume, Segmentation]:  # fmt: skip
     default_volume, default_segmentation = default_inputs()
     volume = read_volume(volume_path or default_volume)
     segmentation = read_segmentation(segmentation_path or default_segmentation)
@@ -153,35 +157,97 @@ def run_demo(
         segmentation.ijk_to_ras, volume.ijk_to_ras, atol=1e-3
     ):
         raise InputError("The segmentation is not on the volume's grid; resample it in Slicer first.")
-    image, record = to_model(volume, config)
-    logger.info("model grid %s, range %.3f..%.3f", image.shape, image.min(), image.max())
+    missing = [name for name in TARGETS if name not in segmentation.names()]
+    if missing:
+        raise InputError(f"the demo segments {list(TARGETS)}; the segmentation lacks {missing}.")
+    return volume, segmentation
 
-    round_trip, scores = [], {}
-    for segment in segmentation.segments:
-        back = mask_from_model(mask_to_model(segment.mask.astype(np.uint8), record), record).astype(bool)
-        scores[segment.name] = dice(segment.mask, back)
-        round_trip.append(Segment(segment.name, back, segment.color, segment.terminology))
-    round_trip_segmentation = Segmentation(volume.ijk_to_ras.copy(), round_trip)
 
-    rng = np.random.default_rng(seed)
-    target_mask = segmentation.mask(target)
-    points = synthesize_points(target_mask, rng)
-    box = synthesize_box(target_mask, rng)
-    points_model, boxes_model = record.prompts_to_model(tuple(points), (box,))
+def run_demo(
+    output: str | os.PathLike = "demo-output",
+    *,
+    volume_path: str | os.PathLike | None = None,
+    segmentation_path: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    device: str = "cpu",
+    on_step: Callable[[int, int, dict], None] | None = None,
+) -> DemoResult:
+    """Run the demo on the packaged chest CT (or given files) and write the output folder atomically.
 
+    Raises:
+        InputError: unreadable inputs, grids that differ, lungs missing from the segmentation, or an
+            ``output`` folder that exists and was not written by the demo.
+        WeightsError: an unreadable ``weights`` folder.
+    """
+    import time
+
+    from .demo_training import DemoCorpus, demo_terms_path, fine_tune, lung_question, write_corpus
+    from .engine import InferenceEngine
+
+    volume, segmentation = _read_inputs(volume_path, segmentation_path)
     output = Path(output)
     tmp = _prepare_output(output)
     try:
-        slug = target.replace(" ", "_")
-        write_volume(
-            volume.with_array(round_trip_segmentation.mask(target).astype(np.uint8)), tmp / f"mask_{slug}.nii.gz"
+        start = time.perf_counter()
+        if weights is None:
+            corpus: DemoCorpus = write_corpus(volume, segmentation, tmp / "training")
+            checkpoint = fine_tune(corpus, tmp / "training" / "run", steps, seed, on_step)
+            shutil.copytree(checkpoint, tmp / "model")
+            shutil.copy(tmp / "training" / "run" / "metrics.csv", tmp / "training_curves.csv")  # all phases
+            shutil.rmtree(tmp / "training")
+            model_source = tmp / "model"
+        else:
+            model_source = Path(weights)
+        training_seconds = time.perf_counter() - start
+        engine = InferenceEngine.load(model_source, device=device)
+        handle = engine.encode(volume)
+        report = engine.report(handle)
+        answer = engine.ask(handle, lung_question(), kind="choice")
+        chat = [{"question": lung_question(), "kind": "choice", "answer": answer.text, "choice": answer.choice}]
+
+        rng = np.random.default_rng(seed)
+        terms = TermDictionary.load(demo_terms_path())
+        tasks, segments = [], []
+        for target in TARGETS:
+            truth = segmentation.mask(target)
+            runs = {
+                "semantic": {"text": target},
+                "referring": {"text": terms.descriptions(target)[0]},
+                "box": {"text": target, "boxes": [synthesize_box(truth, rng)]},
+                "points": {"points": synthesize_points(truth, rng)},
+            }
+            for task, prompt in runs.items():
+                result = engine.segment(handle, **prompt)
+                mask = result.objects[0].mask if result.objects else np.zeros(truth.shape, np.uint8)
+                score = result.objects[0].score if result.objects else 0.0
+                boxes, points = prompt.get("boxes", []), prompt.get("points", [])
+                tasks.append(TaskResult(task, target, result.question, result.answer, dice(truth, mask), score,
+                                        result.timings["total"], [list(p.ijk) + [p.label] for p in points],
+                                        [[list(b.min_ijk), list(b.max_ijk)] for b in boxes]))  # fmt: skip
+                slug = f"{task}_{target.replace(' ', '_')}"
+                write_volume(volume.with_array(mask), tmp / "masks" / f"{slug}.nii.gz")
+                color, terminology = lookup(target) or ((1.0, 0.0, 0.0), None)
+                (tmp / "overlays").mkdir(exist_ok=True)
+                _overlay_png(volume, truth, mask.astype(bool), color, points, boxes, tmp / "overlays" / f"{slug}.png")
+                segments.append(Segment(f"{target} ({task})", mask.astype(bool), color, terminology))
+        write_segmentation(Segmentation(volume.ijk_to_ras.copy(), segments), tmp / "segmentation.seg.nrrd")
+        (tmp / "report.txt").write_text(report.text + "\n")
+        (tmp / "chat.json").write_text(json.dumps(chat, indent=2) + "\n")
+        grid = _grid_dice(volume, segmentation, engine.model.config.vision.img_size)
+        summary = {"model": str(weights or "tiny preset fine-tuned on this volume (model/)"),
+                   "training_seconds": round(training_seconds, 1), "steps": None if weights else steps,
+                   "report": report.text, "chat": chat, "grid_ceiling_dice": grid,
+                   "tasks": [asdict(t) for t in tasks]}  # fmt: skip
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        names = sorted(
+            p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file() and "model" not in p.relative_to(tmp).parts
         )
-        write_segmentation(round_trip_segmentation, tmp / "segmentation_roundtrip.seg.nrrd")
-        _overlay_png(volume, round_trip_segmentation, points, box, tmp / "overlay_axial.png")
-        names = sorted(p.name for p in tmp.iterdir())
         _publish(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    files = [output / name for name in names]
-    return DemoResult(volume, record, scores, target, points, box, points_model, boxes_model[0], files)
+    files = [output / name for name in names if name.name != MARKER]
+    model_name = str(weights) if weights else str(output / "model")
+    return DemoResult(volume, model_name, training_seconds, report.text, chat, tasks, grid, files)

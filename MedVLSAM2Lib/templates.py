@@ -19,7 +19,16 @@ import numpy as np
 from .errors import InputError
 from .jsonfile import read_json
 
-__all__ = ["SEG_TOKEN", "Templates", "load_templates", "TermDictionary", "segmentation_prompt", "report_prompt"]
+__all__ = [
+    "SEG_TOKEN",
+    "Templates",
+    "load_templates",
+    "TermDictionary",
+    "segmentation_prompt",
+    "prompt_only_prompt",
+    "report_prompt",
+    "vqa_question",
+]
 
 SEG_TOKEN = "[SEG]"
 TEMPLATE_KINDS = (
@@ -30,7 +39,11 @@ TEMPLATE_KINDS = (
     "referring_questions",
     "referring_answers",
     "referring_no_answers",
+    "prompt_questions",
 )
+# CT-CHAT's task tags, appended to VQA questions so that the model knows the answer style expected.
+VQA_KIND_TAGS = {"short": "<short_answer>", "long": "<long_answer>", "choice": "<multiple_choice>",
+                 "report": "<report_generation>"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,7 @@ class Templates:
     referring_questions: tuple[str, ...]
     referring_answers: tuple[str, ...]
     referring_no_answers: tuple[str, ...]
+    prompt_questions: tuple[str, ...]
 
     def __post_init__(self) -> None:
         for kind in ("semantic_answers", "referring_answers"):
@@ -51,7 +65,7 @@ class Templates:
             if missing:
                 raise InputError(f"templates: every {kind} entry must contain {SEG_TOKEN}; these do not: {missing}.")
         for kind in TEMPLATE_KINDS:
-            if kind not in ("report_questions", "semantic_answers"):
+            if kind not in ("report_questions", "semantic_answers", "prompt_questions"):
                 missing = [t for t in getattr(self, kind) if "{}" not in t]
                 if missing:
                     raise InputError(f"templates: every {kind} entry needs a '{{}}' slot; these lack one: {missing}.")
@@ -83,7 +97,7 @@ class TermDictionary:
         data = read_json(path, "term dictionary")
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a JSON object of category -> [descriptions].")
-        return cls(data)
+        return cls({name: terms for name, terms in data.items() if not name.startswith("_")})  # "_source" notes
 
     def __len__(self) -> int:
         return len(self._terms)
@@ -137,6 +151,24 @@ def segmentation_prompt(
         question = pick(t.referring_questions).format(terms.sample(category, rng))
         answer = pick(t.referring_answers if present else t.referring_no_answers).format(category)
     return question, answer
+
+
+def prompt_only_prompt(rng: np.random.Generator, *, phrasings: int = 0) -> tuple[str, str]:
+    """A (question, answer) pair for interactive segmentation from points/boxes alone (no class name)."""
+    if phrasings < 0:
+        raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
+    t = load_templates()
+    questions, answers = (t.prompt_questions, t.semantic_answers)
+    if phrasings:
+        questions, answers = questions[:phrasings], answers[:phrasings]
+    return _pick(questions, rng), _pick(answers, rng)
+
+
+def vqa_question(question: str, kind: str) -> str:
+    """A VQA question with CT-CHAT's task tag for ``kind`` (short, long, choice, report) appended."""
+    if kind not in VQA_KIND_TAGS:
+        raise InputError(f"unknown answer kind {kind!r}; choose one of {sorted(VQA_KIND_TAGS)}.")
+    return f"{question.strip()} {VQA_KIND_TAGS[kind]}"
 
 
 def report_prompt(rng: np.random.Generator) -> str:

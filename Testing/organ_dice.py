@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from MedVLSAM2Lib.demo import dice
+from MedVLSAM2Lib.metrics import dice
 from MedVLSAM2Lib.preprocess import GridConfig, probabilities_from_model, to_model
 from MedVLSAM2Lib.volume import Volume
 
@@ -33,7 +33,7 @@ def organ_dice(model, ct: Volume, labels: np.ndarray, organs: dict[str, int]) ->
             prompt = model.prompt_ids(segmentation_question(organ.replace("_", " ")))
             answer = model.generate(image[None], prompt, max_new_tokens=8)
             probs = model.segment_answer(image[None], sam_image[None], prompt, answer)
-            mask = None if probs is None else probabilities_from_model(probs[0].numpy(), record) > 0.5
+            mask = None if probs is None else probabilities_from_model(probs.probabilities[0].numpy(), record) > 0.5
             results[organ] = (0.0 if mask is None else dice(labels == value, mask), model.tokenizer.decode(answer))
     model.train()
     return results

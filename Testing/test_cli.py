@@ -1,6 +1,13 @@
-"""`medvlsam2 demo` and `medvlsam2 doctor` end to end."""
+"""The ``medvlsam2`` command line end to end: the demo (fine-tune, every task, Dice against the shipped
+segmentation), then ``report``, ``ask``, ``chat`` and ``segment`` through subprocesses with ``--json`` on the
+demo's fine-tuned model, bad input, and ``doctor``."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -9,29 +16,124 @@ import slicerio
 from PIL import Image
 
 from MedVLSAM2Lib.cli import main
+from MedVLSAM2Lib.demo import default_inputs
+from MedVLSAM2Lib.metrics import dice
 from MedVLSAM2Lib.segmentation import read_segmentation
+from MedVLSAM2Lib.volume import read_volume, write_volume
+
+CT, SHIPPED = default_inputs()
 
 
-def test_demo_writes_mask_segmentation_and_overlay(tmp_path, capsys):
-    output = tmp_path / "demo-output"
-    assert main(["demo", "--output", str(output)]) == 0
-    printed = capsys.readouterr().out
-    assert "128x128x34 voxels" in printed and "right lung" in printed
-    scores = [float(line.split()[-1]) for line in printed.splitlines() if "lung " in line and line.strip()[0].isalpha()]
-    assert len(scores) == 2 and min(scores) > 0.95
-    assert sorted(p.name for p in output.iterdir()) == [
-        ".medvlsam2-demo",
-        "mask_right_lung.nii.gz",
-        "overlay_axial.png",
-        "segmentation_roundtrip.seg.nrrd",
-    ]
-    mask = nib.load(str(output / "mask_right_lung.nii.gz"))
-    assert mask.shape == (128, 128, 34) and set(np.unique(np.asarray(mask.dataobj))) == {0, 1}
-    source = read_segmentation(slicerio.get_testdata_file("Segmentation.seg.nrrd"))
-    assert read_segmentation(output / "segmentation_roundtrip.seg.nrrd").names() == source.names()
-    assert Image.open(output / "overlay_axial.png").size == (1024, 512)
-    assert main(["demo", "--output", str(output), "--seed", "1"]) == 0  # its own folder is replaced
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):  # noqa: ANN201
+    """One full demo run (README's first command): its output folder and what it printed."""
+    output = tmp_path_factory.mktemp("demo") / "demo-output"
+    run = subprocess.run([sys.executable, "-m", "MedVLSAM2Lib.cli", "demo", "--output", str(output)],
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return output, run.stdout
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "MedVLSAM2Lib.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_segments_both_lungs_semantically_and_from_a_box(demo):
+    output, printed = demo
+    summary = json.loads((output / "summary.json").read_text())
+    scores = {(t["task"], t["target"]): t["dice"] for t in summary["tasks"]}
+    assert {task for task, _ in scores} == {"semantic", "referring", "box", "points"}
+    for task in ("semantic", "box"):
+        for target in ("right lung", "left lung"):
+            assert scores[task, target] >= 0.7, (task, target, scores)
+    assert summary["training_seconds"] < 300
+    assert "right lung" in printed and "128x128x34 voxels" in printed
+    shipped = read_segmentation(SHIPPED)
+    written = read_segmentation(output / "segmentation.seg.nrrd")
+    assert len(written.names()) == 8 and "right lung (semantic)" in written.names()
+    assert np.allclose(written.ijk_to_ras, shipped.ijk_to_ras)
+    assert dice(written.mask("left lung (box)"), shipped.mask("left lung")) == pytest.approx(scores["box", "left lung"])
+    raw = slicerio.read_segmentation(str(output / "segmentation.seg.nrrd"), skip_voxels=True)
+    lung = next(s for s in raw["segments"] if s["name"] == "right lung (semantic)")
+    assert lung["terminology"]["type"][1] == "39607008" and lung["terminology"]["typeModifier"][2] == "Right"
+    mask = nib.load(str(output / "masks" / "box_left_lung.nii.gz"))
+    assert mask.shape == (128, 128, 34) and np.allclose(mask.affine, read_volume(CT).ijk_to_ras)
+    assert Image.open(output / "overlays" / "points_right_lung.png").size == (1024, 512)
+    assert (output / "report.txt").read_text().strip() == summary["report"]
+    assert json.loads((output / "chat.json").read_text())[0]["kind"] == "choice"
+    assert (output / "model" / "model.safetensors").is_file() and (output / "training_curves.csv").is_file()
+
+
+@pytest.mark.slow
+def test_report_ask_and_chat_answer_in_json(demo):
+    weights = str(demo[0] / "model")
+    report = json.loads(_cli("report", str(CT), "--weights", weights, "--json").stdout)
+    assert report["text"] and set(report) >= {"findings", "impression", "seconds"}
+    question = "Which lung has the larger volume on this scan? (a) the right lung (b) the left lung"
+    answer = json.loads(_cli("ask", str(CT), question, "--kind", "choice", "--weights", weights, "--json").stdout)
+    assert answer["kind"] == "choice" and answer["answer"]
+    chat = _cli("chat", str(CT), "--weights", weights, "--json", stdin="Is there a lung?\nAnd a second one?\n")
+    turns = [json.loads(line) for line in chat.stdout.splitlines()]
+    assert chat.returncode == 0 and [t["turn"] for t in turns] == [1, 2]
+
+
+@pytest.mark.slow
+def test_segment_writes_files_on_the_cts_own_grid(demo, tmp_path):
+    weights, ct = str(demo[0] / "model"), read_volume(CT)
+    run = _cli("segment", str(CT), "--text", "right lung", "--weights", weights, "--json",
+               "-o", str(tmp_path / "lung.seg.nrrd"))  # fmt: skip
+    result = json.loads(run.stdout)
+    assert run.returncode == 0 and result["objects"][0]["label"] == "right lung"
+    written = read_segmentation(tmp_path / "lung.seg.nrrd")
+    assert written.names() == ["right lung"] and np.allclose(written.ijk_to_ras, ct.ijk_to_ras)
+    assert dice(written.mask("right lung"), read_segmentation(SHIPPED).mask("right lung")) >= 0.7
+    box = "30,40,15,60,90,15"
+    run = _cli("segment", str(CT), "--box", box, "--weights", weights, "--json", "-o", str(tmp_path / "box.nii.gz"))
+    assert run.returncode == 0, run.stderr
+    image = nib.load(str(tmp_path / "box.nii.gz"))
+    assert image.shape == ct.shape_ijk and np.allclose(image.affine, ct.ijk_to_ras)
+    again = _cli("segment", str(CT), "--box", box, "--weights", weights, "-o", str(tmp_path / "box.nii.gz"))
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):  # noqa: ANN201
+    folder = tmp_path_factory.mktemp("bad")
+    ct = read_volume(CT)
+    write_volume(ct.with_array(np.zeros_like(ct.array)), folder / "zeros.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.int16), np.eye(4)), str(folder / "slice.nii.gz"))
+    (folder / "weights").mkdir()
+    (folder / "weights" / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["segment", "{ct}", "--text", "liver", "--preset", "huge"], "neither a preset"),
+        (["segment", "{ct}", "--text", "liver", "--weights", "{bad}/weights"], "model.safetensors is missing"),
+        (["segment", "{ct}", "--point", "500,10,10", "--preset", "tiny"], "outside"),
+        (["segment", "{ct}", "--box", "50,50,10,40,60,12", "--preset", "tiny"], "exceeds its max corner"),
+        (["segment", "{ct}", "--point", "1,2", "--preset", "tiny"], "expected i,j,k"),
+        (["ask", "{ct}", " ", "--preset", "tiny"], "question is empty"),
+        (["report", "{bad}/slice.nii.gz", "--preset", "tiny"], "2D image"),
+        (["report", "{bad}/zeros.nii.gz", "--preset", "tiny"], "Is this a CT"),
+        (["report", "{bad}/missing.nii.gz", "--preset", "tiny"], "missing.nii.gz"),
+        (["report", "{ct}"], "--weights DIR"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line(bad_inputs, args, message):
+    run = _cli(*(a.format(ct=CT, bad=bad_inputs) for a in args))
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and message in lines[0], run.stderr
+    assert lines[0].startswith(f"medvlsam2 {args[0]}: error:")
+
+
+def test_debug_shows_the_traceback(bad_inputs):
+    run = _cli("--debug", "report", f"{bad_inputs}/zeros.nii.gz", "--preset", "tiny")
+    assert run.returncode != 0 and "Traceback" in run.stderr and "Is this a CT" in run.stderr
 
 
 def test_demo_never_overwrites_a_foreign_folder(tmp_path, capsys):
@@ -44,9 +146,23 @@ def test_demo_never_overwrites_a_foreign_folder(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["results"]
 
 
-def test_demo_unknown_target_is_a_clear_error(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path / "o"), "--target", "pancreas"]) == 2
-    assert "No segment named 'pancreas'" in capsys.readouterr().err
+def test_demo_needs_both_lungs_in_a_given_segmentation(tmp_path, capsys):
+    shipped = read_segmentation(SHIPPED)
+    from MedVLSAM2Lib.segmentation import Segmentation, write_segmentation
+
+    write_segmentation(Segmentation(shipped.ijk_to_ras, shipped.segments[:1]), tmp_path / "ribs.seg.nrrd")
+    args = [
+        "demo",
+        "--output",
+        str(tmp_path / "o"),
+        "--volume",
+        str(CT),
+        "--segmentation",
+        str(tmp_path / "ribs.seg.nrrd"),
+    ]
+    assert main(args) == 2
+    assert "lacks ['right lung', 'left lung']" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
 
 def test_doctor_reports_versions_and_import_checks(capsys):

@@ -122,8 +122,13 @@ def test_generation_streams_and_segments_from_seg_tokens(tiny_model):
     answer = model.generate(image, prompt, max_new_tokens=6, on_token=pieces.append)
     assert 1 <= len(answer) <= 6 and "".join(pieces) == model.tokenizer.decode(answer)
     forced = model.tokenizer("It is [SEG].", add_special_tokens=False)["input_ids"]
-    probs = model.segment_answer(image, image[:, 0], prompt, forced)
+    masks = model.segment_answer(image, image[:, 0], prompt, forced)
+    probs = masks.probabilities
     assert probs.shape == (1, *model.config.vision.img_size) and 0 <= probs.min() and probs.max() <= 1
+    assert masks.object_scores.shape == (1, model.config.vision.img_size[0])
+    visual, features = model.visual_tokens(image), model.sam_features(image[0, 0])
+    cached = model.segment_answer(None, image[:, 0], prompt, forced, visual=visual, features=features)
+    assert torch.allclose(cached.probabilities, probs, atol=1e-6)  # cached encodings give the same masks
     assert model.segment_answer(image, image[:, 0], prompt, model.tokenizer("No.")["input_ids"]) is None
     beams = model.generate(image, prompt, max_new_tokens=4, num_beams=2)
     assert 1 <= len(beams) <= 4
@@ -141,7 +146,7 @@ def test_only_the_new_answer_seg_tokens_are_segmented_and_typed_seg_is_text(tiny
     prompt = model.prompt_ids("And the spleen?", history)
     assert prompt.count(model.tokens.seg) == 1  # the earlier answer's
     answer = model.tokenizer("Sure, [SEG].", add_special_tokens=False)["input_ids"]
-    assert model.segment_answer(image, image[:, 0], prompt, answer).shape[0] == 1
+    assert model.segment_answer(image, image[:, 0], prompt, answer).probabilities.shape[0] == 1
     typed = model.prompt_ids("What does [SEG] mean?")
     assert model.tokens.seg not in typed  # a user typing "[SEG]" does not trigger segmentation
     model.train()

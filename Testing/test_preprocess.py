@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from MedVLSAM2Lib.demo import dice
 from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.metrics import dice
 from MedVLSAM2Lib.preprocess import (
     GridConfig,
     GridRecord,

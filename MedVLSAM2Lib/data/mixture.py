@@ -3,8 +3,8 @@
 Sample ``i`` of an epoch is a pure function of ``(seed, epoch, i)``: the same index always gives the same
 task, volume, template and prompts, which is what makes resumed runs continue on the same loss curve.
 Tasks: ``report`` (CT-RATE report generation), ``vqa`` (one CT-CHAT turn), ``semantic`` (class name),
-``referring`` (a term-dictionary description instead of the name), ``interactive`` (class name plus
-synthesised points or a box on the model grid). Semantic and referring samples ask about up to
+``referring`` (a term-dictionary description instead of the name), ``interactive`` (synthesised points or a box on the
+model grid, with the class name or, half of the time, without it). Semantic and referring samples ask about up to
 ``objects_per_sample`` structures of one volume in consecutive turns, one ``[SEG]`` each (LISA's and
 Sa2VA's ``num_classes_per_sample``): every step then contrasts structures of the same image, and the
 volume's SAM2 image features are computed once for all of them.
@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..model.language import IGNORE_INDEX, encode_conversation
 from ..model.medvlsam2 import Batch, SegTarget
 from ..prompts import BoxPrompt, PointPrompt, synthesize_box, synthesize_points
-from ..templates import TermDictionary, report_prompt, segmentation_prompt
+from ..templates import TermDictionary, prompt_only_prompt, report_prompt, segmentation_prompt
 from .augment import augment
 from .cache import VolumeCache
 
@@ -147,7 +147,10 @@ class TaskMixture(torch.utils.data.Dataset):
             mask = cached.masks[cached.categories.index(category)]
             spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
             terms = self.terms if task == "referring" and spoken in self.terms else None
-            turns.append(segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings))
+            if task == "interactive" and rng.random() < 0.5:  # half of them without the class name: prompts only
+                turns.append(prompt_only_prompt(rng, phrasings=self.phrasings))
+            else:
+                turns.append(segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings))
             prompts = self._prompts(mask, rng) if task == "interactive" else ((), ())
             targets.append(SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)), *prompts))
         ids, labels = self._encode(turns)

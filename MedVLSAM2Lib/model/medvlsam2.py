@@ -23,7 +23,7 @@ from .projector import build_projector
 from .segmenter import SlicePrompts, VolumeSegmenter, prepare_slices
 from .vision import VisionEncoder3D
 
-__all__ = ["SegTarget", "Batch", "MedVLSAM2Output", "SegTokenProjector", "MedVLSAM2Model", "STAGE_PARTS"]
+__all__ = ["SegTarget", "Batch", "AnswerMasks", "MedVLSAM2Output", "SegTokenProjector", "MedVLSAM2Model", "STAGE_PARTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,15 @@ class Batch:
                    for row in self.targets]  # fmt: skip
         return Batch(self.image.to(device), self.sam_image.to(device), self.input_ids.to(device),
                      self.attention_mask.to(device), self.labels.to(device), targets)  # fmt: skip
+
+
+@dataclass
+class AnswerMasks:
+    """Masks of an answer's ``[SEG]`` tokens on the model grid: ``probabilities`` ``(n, D, H, W)`` and
+    ``object_scores`` ``(n, D)`` (SAM2's per-slice probability that the object is present)."""
+
+    probabilities: torch.Tensor
+    object_scores: torch.Tensor
 
 
 @dataclass
@@ -183,12 +192,23 @@ class MedVLSAM2Model(nn.Module):
 
     # ------------------------------------------------------------------ embedding
 
-    def embed(self, image: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def visual_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens ``(B, out_tokens, d_llm)`` of ``(B, 1, D, H, W)`` images in [0, 1]."""
+        return self.projector(self.vision(image.to(self.vision.cls_token.dtype)))
+
+    def sam_features(self, sam_image: torch.Tensor) -> dict:
+        """SAM2 image-encoder features of every slice of one ``(D, H, W)`` volume (cache them per volume)."""
+        return self.segmenter.encode(prepare_slices(sam_image, self.config.segmenter.image_size))
+
+    def embed(
+        self, image: torch.Tensor | None, input_ids: torch.Tensor, visual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings with the ``<image>`` positions replaced by projected visual tokens.
 
         Args:
-            image: ``(B, 1, D, H, W)`` in [0, 1].
+            image: ``(B, 1, D, H, W)`` in [0, 1] (unused when ``visual`` is given).
             input_ids: ``(B, L)``; each row holds exactly ``projector.out_tokens`` ``<image>`` tokens.
+            visual: precomputed :meth:`visual_tokens` of the images, to skip the encoders.
 
         Returns:
             ``(B, L, d_llm)``.
@@ -199,9 +219,8 @@ class MedVLSAM2Model(nn.Module):
         counts = is_image.sum(dim=1)
         if torch.any(counts != expected):
             raise InputError(f"every sample needs {expected} <image> tokens, got {counts.tolist()}.")
-        vision_dtype = self.vision.cls_token.dtype
-        visual = self.projector(self.vision(image.to(vision_dtype))).to(embeds.dtype)  # (B, out_tokens, d_llm)
-        return embeds.masked_scatter(is_image[..., None], visual)
+        visual = self.visual_tokens(image) if visual is None else visual
+        return embeds.masked_scatter(is_image[..., None], visual.to(embeds.dtype))
 
     def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states ``(B, L, d_llm)`` (no logits are computed here)."""
@@ -241,16 +260,17 @@ class MedVLSAM2Model(nn.Module):
         }
 
     def _segment_objects(
-        self, sam_image: torch.Tensor, seg_tokens: torch.Tensor, targets: list[SegTarget]
+        self, sam_image: torch.Tensor, seg_tokens: torch.Tensor, targets: list[SegTarget], features: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For one volume: mask logits ``(n, D, H, W)`` on the model grid, object logits ``(n, D)``, and the
         decoder's logits before SAM2's object-score gate ``(n, D, H, W)`` (what the mask loss trains).
 
         Objects without point/box prompts share one batched pass; prompted objects run one by one.
+        ``features`` are the volume's cached :meth:`sam_features` (computed here when not given).
         """
         grid = tuple(sam_image.shape)
         device = seg_tokens.device
-        features = self.segmenter.encode(prepare_slices(sam_image, self.config.segmenter.image_size))
+        features = self.sam_features(sam_image) if features is None else features
         # SAM2 runs in float32 (its position encodings build float32 tensors); use autocast for speed on GPU.
         language = self.seg_projector(seg_tokens).float()  # (n, d_sam)
         masks: list[torch.Tensor | None] = [None] * len(targets)
@@ -324,7 +344,7 @@ class MedVLSAM2Model(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        image: torch.Tensor,
+        image: torch.Tensor | None,
         prompt_ids: list[int],
         *,
         max_new_tokens: int = 256,
@@ -332,6 +352,7 @@ class MedVLSAM2Model(nn.Module):
         num_beams: int = 1,
         temperature: float = 1.0,
         on_token: Callable[[str], None] | None = None,
+        visual: torch.Tensor | None = None,
     ) -> list[int]:
         """Generate an answer for one volume.
 
@@ -340,12 +361,13 @@ class MedVLSAM2Model(nn.Module):
             prompt_ids: from :meth:`prompt_ids`.
             max_new_tokens, do_sample, num_beams, temperature: decoding (greedy by default).
             on_token: called with each new piece of decoded text (greedy/sampling only).
+            visual: the volume's cached :meth:`visual_tokens` (skips the encoders).
 
         Returns:
             The new token ids, ending at ``<|im_end|>`` when generation stopped there.
         """
-        ids = torch.tensor([prompt_ids], device=image.device)
-        embeds = self.embed(image, ids)
+        ids = torch.tensor([prompt_ids], device=self.vision.cls_token.device)
+        embeds = self.embed(image, ids, visual)
         streamer = _CallbackStreamer(self.tokenizer, on_token) if on_token and num_beams == 1 else None
         out = self.llm.generate(
             inputs_embeds=embeds,
@@ -364,25 +386,26 @@ class MedVLSAM2Model(nn.Module):
 
     @torch.inference_mode()
     def segment_answer(
-        self, image: torch.Tensor, sam_image: torch.Tensor, prompt_ids: list[int], answer_ids: list[int],
-        targets: list[SegTarget] | None = None,
-    ) -> torch.Tensor | None:  # fmt: skip
-        """Mask probabilities ``(n, D, H, W)`` for the ``[SEG]`` tokens of a generated answer, or ``None``.
+        self, image: torch.Tensor | None, sam_image: torch.Tensor, prompt_ids: list[int], answer_ids: list[int],
+        targets: list[SegTarget] | None = None, visual: torch.Tensor | None = None, features: dict | None = None,
+    ) -> AnswerMasks | None:  # fmt: skip
+        """Masks for the ``[SEG]`` tokens of a generated answer, or ``None`` when it has none.
 
         The ``[SEG]`` hidden states are read from a forward pass over prompt + answer at the positions
-        where ``[SEG]`` is the input token — the rule used in training.
+        where ``[SEG]`` is the input token — the rule used in training. ``targets`` carry point/box prompts
+        (model coordinates) per ``[SEG]``; ``visual`` and ``features`` are the volume's cached encodings.
         """
-        ids = torch.tensor([prompt_ids + answer_ids], device=image.device)
+        ids = torch.tensor([prompt_ids + answer_ids], device=self.vision.cls_token.device)
         positions = (ids[0] == self.tokens.seg).nonzero().flatten()
         positions = positions[positions >= len(prompt_ids)]  # [SEG] of earlier turns belong to earlier answers
         if len(positions) == 0:
             return None
-        hidden = self.hidden_states(self.embed(image, ids), torch.ones_like(ids))
+        hidden = self.hidden_states(self.embed(image, ids, visual), torch.ones_like(ids))
         targets = targets or [SegTarget() for _ in positions]
         if len(targets) != len(positions):
             raise InputError(f"the answer has {len(positions)} [SEG] tokens but {len(targets)} prompt sets were given.")
-        logits, _, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets)
-        return torch.sigmoid(logits)
+        logits, objects, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets, features)
+        return AnswerMasks(torch.sigmoid(logits), torch.sigmoid(objects))
 
 
 class _CallbackStreamer:

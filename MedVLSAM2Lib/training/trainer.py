@@ -29,7 +29,7 @@ from ..data.ctrate import iter_reports, iter_vqa
 from ..data.mixture import TaskMixture, collate
 from ..model.medvlsam2 import MedVLSAM2Model
 from ..model.weights import build_model, load_checkpoint, save_checkpoint
-from ..templates import TermDictionary
+from ..templates import TermDictionary, vqa_question
 from .config import TrainConfig
 from .stages import stage_plan, trainable_report
 
@@ -84,7 +84,8 @@ def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
     )
     vqa: dict[str, list[tuple[str, str]]] = {}
     for sample in iter_vqa(config.vqa_json) if config.vqa_json else ():
-        vqa.setdefault(sample.image.split(".")[0], []).extend((t.question, t.answer) for t in sample.turns)
+        vqa.setdefault(sample.image.split(".")[0], []).extend((vqa_question(t.question, t.kind), t.answer)
+                                                         for t in sample.turns)  # fmt: skip
     return TaskMixture(
         model.config, model.tokenizer, config.task_weights, config.samples_per_epoch, seed=config.seed,
         text_cache=_open_cache(config.text_cache), reports=reports, vqa=vqa, seg_cache=_open_cache(config.seg_cache),

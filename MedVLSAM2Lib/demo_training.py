@@ -1,0 +1,141 @@
+"""The demo's fine-tuning: a one-volume training corpus built from a CT and its Slicer segmentation, and a
+short stage-3 run of the tiny preset on it through the real trainer.
+
+The corpus holds every task the engine serves: semantic, referring (descriptions from
+``resources/demo_terms.json``), interactive (points or a box, with or without the name), a report and a
+multiple-choice question. The report and the answer are measurements of the shipped segmentation (lung
+volumes), written as text: the demo has no radiologist's report, and a measured statement is one the
+model can be checked against.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .config import preset
+from .data.cache import CacheItem, prepare
+from .errors import InputError
+from .preprocess import GridConfig
+from .segmentation import Segmentation
+from .training.config import TrainConfig
+from .training.trainer import train
+from .volume import Volume
+
+__all__ = ["DEMO_STRUCTURES", "DemoCorpus", "demo_terms_path", "write_corpus", "fine_tune", "lung_question"]
+
+DEMO_STRUCTURES = ("right lung", "left lung")
+VOLUME_NAME = "demo_ct"
+FAST = 1e-3
+# The CPU learning check's recipe at demo scale (Training/README.md §5), in three phases of the given shares of
+# the steps: text (stage 2: report and choice answer); semantic segmentation alone (stage 3: every step contrasts
+# the two lungs, which differ only by position, so the [SEG] states separate fastest); then every task. The
+# SAM2 parts that start from random weights learn at the fast rate, the rest slower; the slice encoder and the
+# memory path stay as initialised (they train in the paper's recipe, but the demo's budget is minutes).
+COMMON = {"preset": "tiny", "objects_per_sample": 2, "phrasings": 1, "augmentation": False,
+          "samples_per_epoch": 100000, "warmup_ratio": 0.03}  # fmt: skip
+SEGMENTATION = {"stage": 3, "lr": 1e-4, "lr_per_part": {"seg_projector": 3 * FAST, "sam_decoder": FAST, "lora": FAST}}
+PHASES = (
+    (0.1, {"stage": 2, "lr": FAST, "task_weights": {"report": 1.0, "vqa": 1.0}}),
+    (0.55, {**SEGMENTATION, "task_weights": {"semantic": 1.0}}),
+    (0.35, {**SEGMENTATION,
+            "task_weights": {"semantic": 1.0, "referring": 1.0, "interactive": 1.0, "report": 0.5, "vqa": 0.2}}),
+)  # fmt: skip
+
+
+@dataclass
+class DemoCorpus:
+    """Files of the demo's training corpus (all inside one folder)."""
+
+    cache: Path
+    reports_csv: Path
+    vqa_json: Path
+    terms: Path
+    report: str
+    question: str
+    answer: str
+
+
+def demo_terms_path() -> Path:
+    """The packaged descriptions of the demo structures (M3D term-dictionary format)."""
+    return Path(str(resources.files("MedVLSAM2Lib").joinpath("resources/demo_terms.json")))
+
+
+def lung_question() -> str:
+    return "Which lung has the larger volume on this scan? (a) the right lung (b) the left lung"
+
+
+def _measurements(volume: Volume, segmentation: Segmentation) -> tuple[str, str]:
+    """A findings/impression report of the lung volumes and the answer to :func:`lung_question`."""
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    right, left = (float(segmentation.mask(f"{side} lung").sum()) * voxel_ml for side in ("right", "left"))
+    larger = "right" if right >= left else "left"
+    report = (
+        f"Findings: The right lung measures {right:.0f} mL and the left lung {left:.0f} mL in the scanned range. "
+        f"Impression: The {larger} lung is the larger one."
+    )
+    return report, f"({'a' if larger == 'right' else 'b'}) the {larger} lung"
+
+
+def write_corpus(volume: Volume, segmentation: Segmentation, folder: Path) -> DemoCorpus:
+    """Cache the volume on the tiny grid with its demo structures; write the report, question and terms."""
+    missing = [name for name in DEMO_STRUCTURES if name not in segmentation.names()]
+    if missing:
+        raise InputError(f"the demo segmentation needs segments {list(DEMO_STRUCTURES)}; missing {missing}.")
+    config = preset("tiny")
+    masks = {name.replace(" ", "_"): segmentation.mask(name) for name in DEMO_STRUCTURES}
+    item = CacheItem(VOLUME_NAME, lambda: (volume, masks))
+    prepare([item], folder / "cache", GridConfig(spatial_size=config.vision.img_size), config.segmenter.window)
+    report, answer = _measurements(volume, segmentation)
+    reports_csv = folder / "reports.csv"
+    with reports_csv.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"])
+        findings, impression = report.removeprefix("Findings: ").split(" Impression: ")
+        writer.writerow([f"{VOLUME_NAME}.nii.gz", "Not given.", "Not given.", findings, impression])
+    vqa_json = folder / "vqa.json"
+    turns = [
+        {"from": "human", "value": f"<image>\n{lung_question()} <multiple_choice>"},
+        {"from": "gpt", "value": answer},
+    ]
+    record = {"id": "multiple_choice_0", "image": f"{VOLUME_NAME}.nii.gz", "conversations": turns}
+    vqa_json.write_text(json.dumps([record], indent=1))
+    return DemoCorpus(folder / "cache", reports_csv, vqa_json, demo_terms_path(), report, lung_question(), answer)
+
+
+def fine_tune(corpus: DemoCorpus, output: Path, steps: int, seed: int = 0,
+              on_step: Callable[[int, int, dict], None] | None = None) -> Path:  # fmt: skip
+    """Train the tiny preset for ``steps`` optimiser steps in all on the corpus (:data:`PHASES`); returns the
+    final checkpoint. ``metrics.csv`` in ``output`` holds the curves of every phase, steps numbered throughout."""
+    if steps < len(PHASES):
+        raise InputError(f"fine-tuning steps must be >= {len(PHASES)}, got {steps}.")
+    sources = {"text_cache": str(corpus.cache), "seg_cache": str(corpus.cache), "reports_csv": str(corpus.reports_csv),
+               "vqa_json": str(corpus.vqa_json), "term_dictionary": str(corpus.terms)}  # fmt: skip
+    done, checkpoint, rows = 0, None, []
+    for n, (share, settings) in enumerate(PHASES):
+        count = steps - done if n == len(PHASES) - 1 else max(1, round(share * steps))
+        run = output / f"phase{n + 1}"
+        config = TrainConfig(**COMMON, **settings, **sources, max_steps=count, seed=seed, save_every=count,
+                             init_from=checkpoint, output_dir=str(run))  # fmt: skip
+        offset = done
+
+        def progress(step: int, total: int, metrics: dict) -> None:
+            if on_step:
+                on_step(offset + step, steps, metrics)
+
+        checkpoint = str(train(config, on_step=progress).final_checkpoint)
+        with (run / "metrics.csv").open() as handle:
+            for row in csv.DictReader(handle):
+                rows.append({"phase": n + 1, **row, "step": int(row["step"]) + offset})
+        done += count
+    with (output / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(checkpoint)

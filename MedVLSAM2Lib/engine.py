@@ -1,0 +1,415 @@
+"""``InferenceEngine``: the one runtime API that the CLI, the server and the Slicer module use.
+
+::
+
+    engine = InferenceEngine.load("path/to/checkpoint" or "tiny", device="cpu", dtype="float32")
+    handle = engine.encode(volume)                       # cached per volume content
+    engine.report(handle, on_token=print)                # Report(text, findings, impression)
+    engine.ask(handle, "Is there a pleural effusion?")   # Answer(text, kind, choice)
+    engine.segment(handle, text="liver", boxes=[box])    # SegmentResult(answer, objects, timings)
+
+Everything is in the volume's own voxel grid (IJK prompts, KJI masks); the engine maps to the model grid
+and back with :mod:`MedVLSAM2Lib.preprocess`. Per volume it caches the model-grid tensors, the projected
+visual tokens and (on the first segmentation) the SAM2 image features of every slice, in an LRU bounded
+in bytes, so further questions and prompts on the same volume skip both encoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import PRESETS, preset
+from .errors import CapacityError, InputError, WeightsError
+from .model.medvlsam2 import MedVLSAM2Model, SegTarget
+from .preprocess import GridConfig, GridRecord, probabilities_from_model, to_model
+from .prompts import BoxPrompt, PointPrompt
+from .templates import SEG_TOKEN, load_templates, vqa_question
+from .volume import Volume
+
+__all__ = ["InferenceEngine", "VolumeHandle", "Report", "Answer", "ObjectMask", "SegmentResult", "check_ct"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 4 << 30
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ANSWER_TOKENS = {"short": 48, "long": 384, "choice": 24}
+REPORT_TOKENS = 512
+SEGMENT_TOKENS = 48
+# A CT in Hounsfield units spans air (about -1000) to bone (hundreds); these bounds reject images that are not.
+CT_MIN_RANGE_HU = 200.0
+
+
+@dataclass(frozen=True)
+class VolumeHandle:
+    """A volume the engine has encoded: ``key`` is a digest of its voxels and geometry. The handle keeps a
+    reference to the volume, so an entry evicted from the cache is re-encoded on its next use."""
+
+    key: str
+    shape_kji: tuple[int, int, int]
+    volume: Volume = field(repr=False, compare=False)
+
+
+@dataclass
+class Report:
+    """A generated report: the whole text, and its findings and impression sections (CT-RATE layout)."""
+
+    text: str
+    findings: str
+    impression: str
+    seconds: float
+
+
+@dataclass
+class Answer:
+    """A VQA answer; ``choice`` is the option letter picked (multiple choice only, ``None`` if unreadable)."""
+
+    text: str
+    kind: str
+    choice: str | None
+    seconds: float
+
+
+@dataclass
+class ObjectMask:
+    """One segmented structure: ``mask`` is uint8 KJI on the volume's own grid; ``score`` is SAM2's highest
+    per-slice probability that the object is present."""
+
+    label: str
+    mask: np.ndarray
+    score: float
+
+
+@dataclass
+class SegmentResult:
+    """The model's answer and one :class:`ObjectMask` per ``[SEG]`` in it, on the grid of ``ijk_to_ras`` (the
+    volume's own); ``timings`` in seconds."""
+
+    question: str
+    answer: str
+    objects: list[ObjectMask]
+    ijk_to_ras: np.ndarray
+    timings: dict[str, float]
+
+
+@dataclass
+class _Encoded:
+    """What the engine keeps per volume."""
+
+    record: GridRecord
+    image: torch.Tensor  # (1, 1, D, H, W) ViT input
+    sam_image: torch.Tensor  # (1, D, H, W) windowed, SAM2 input
+    visual: torch.Tensor  # (1, out_tokens, d_llm)
+    features: dict | None = None  # SAM2 image features, filled on the first segmentation
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.image, self.sam_image, self.visual]
+        if self.features is not None:
+            tensors += [*self.features["feats"], *self.features["pos"]]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_ct(volume: Volume) -> None:
+    """Reject what cannot be a CT volume for this model: fewer than 2 voxels along an axis, non-finite
+    voxels, or an intensity range too narrow for Hounsfield units (a constant or all-zero image)."""
+    where = volume.metadata.get("source_path", "volume")
+    if min(volume.array.shape) < 2:
+        raise InputError(f"{where}: shape (K, J, I) {volume.array.shape} is 2D; the model needs a 3D CT volume.")
+    low, high = float(np.min(volume.array)), float(np.max(volume.array))
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise InputError(f"{where}: the volume holds NaN or infinite voxels.")
+    if high - low < CT_MIN_RANGE_HU:
+        raise InputError(
+            f"{where}: voxel values span only {low:g}..{high:g}; a CT in Hounsfield units spans at least "
+            f"{CT_MIN_RANGE_HU:g} HU (air about -1000). Is this a CT, and is it in HU?"
+        )
+
+
+def _volume_key(volume: Volume) -> str:
+    digest = hashlib.sha256()
+    digest.update(str((volume.array.dtype.str, volume.array.shape)).encode())
+    digest.update(np.ascontiguousarray(volume.array).tobytes())
+    digest.update(np.ascontiguousarray(volume.ijk_to_ras).tobytes())
+    return digest.hexdigest()
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but torch sees no CUDA GPU here; use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' requested but this torch build or machine has no MPS; use --device cpu.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {str(device)!r}; choose cpu, cuda (cuda:N) or mps.")
+    return device
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise InputError("float16 is not supported on the CPU; use float32 or bfloat16.")
+    return dtype
+
+
+def load_model(source: str | Path) -> MedVLSAM2Model:
+    """A preset name (random weights) or a checkpoint folder written by training or ``save_checkpoint``."""
+    from .model.weights import load_checkpoint
+
+    if str(source) in PRESETS:
+        return MedVLSAM2Model(preset(str(source)))
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{source}: neither a preset ({', '.join(sorted(PRESETS))}) nor an existing weights folder.")
+    if not path.is_dir():
+        raise WeightsError(f"{source}: a weights folder is expected (config.json + model.safetensors), got a file.")
+    return load_checkpoint(path)
+
+
+def _split_report(text: str) -> tuple[str, str]:
+    """Findings and impression of a CT-RATE style report ("Findings: … Impression: …")."""
+    match = re.search(r"impressions?\s*:", text, flags=re.IGNORECASE)
+    findings, impression = (text[: match.start()], text[match.end() :]) if match else (text, "")
+    findings = re.sub(r"^\s*findings\s*:", "", findings, flags=re.IGNORECASE)
+    return findings.strip(), impression.strip()
+
+
+def _choice_letter(answer: str) -> str | None:
+    """The option letter an answer starts with: "(b) …", "B. …", "b) …" or a lone letter."""
+    match = re.match(r"\s*\(?([A-Ha-h])(?:[).:]|\s|$)", answer)
+    return match.group(1).upper() if match else None
+
+
+def segmentation_question(text: str) -> str:
+    """The question the engine asks for ``text``: an instruction containing "segment" as given; a
+    description (a sentence, or more than five words) as a referring question; otherwise a class name in the
+    first semantic template."""
+    templates = load_templates()
+    text = text.strip()
+    if not text:
+        raise InputError("the segmentation text is empty; give a structure name or a description.")
+    if "segment" in text.lower():
+        return text
+    if text.endswith((".", "?", "!")) or len(text.split()) > 5:
+        return templates.referring_questions[0].format(text)
+    return templates.semantic_questions[0].format(text)
+
+
+def _labels(text: str | None, answer: str, count: int) -> list[str]:
+    """Segment names: the class a referring answer names, else the user's text, else "prompted structure"."""
+    named = re.findall(r"(?:target|category) is (.+?)(?:,| and)|It is ([^,]+?), \[SEG\]", answer)
+    names = [next(n for n in pair if n).strip() for pair in named]
+    base = text.strip() if text and len(text.split()) <= 5 and "segment" not in text.lower() else "prompted structure"
+    labels = []
+    for n in range(count):
+        label = names[n] if n < len(names) else base
+        labels.append(label if n == 0 or label != base else f"{base} {n + 1}")
+    return labels
+
+
+class InferenceEngine:
+    """Runs a :class:`MedVLSAM2Model` on volumes; see the module docstring."""
+
+    def __init__(self, model: MedVLSAM2Model, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:  # fmt: skip
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        if cache_bytes < 0:
+            raise InputError(f"cache_bytes must be >= 0, got {cache_bytes}.")
+        self.cache_bytes = cache_bytes
+        model.eval().to(self.device)
+        for part in (model.vision, model.projector, model.llm, model.seg_projector):
+            part.to(self.dtype)  # SAM2 stays float32 (its position encodings are float32); autocast on GPU
+        self.model = model
+        self._cache: OrderedDict[str, _Encoded] = OrderedDict()
+
+    @classmethod
+    def load(
+        cls, source: str | Path = "tiny", device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> InferenceEngine:  # fmt: skip
+        """An engine over a preset (random weights) or a checkpoint folder.
+
+        Raises:
+            InputError: unknown preset/device/dtype. WeightsError: an unreadable or incomplete weights folder.
+        """
+        device = _resolve_device(device)
+        _resolve_dtype(dtype, device)
+        return cls(load_model(source), device, dtype, cache_bytes)
+
+    # ------------------------------------------------------------------ cache
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self._cache.values())
+
+    def _evict(self) -> None:
+        while len(self._cache) > 1 and self.cached_bytes > self.cache_bytes:
+            key, _ = self._cache.popitem(last=False)
+            logger.info("evicted volume %s from the engine cache", key[:12])
+
+    @contextlib.contextmanager
+    def _capacity(self, what: str) -> Iterator[None]:
+        """Turn an out-of-memory error into a :class:`CapacityError` that says what to change."""
+        try:
+            yield
+        except torch.OutOfMemoryError as err:
+            self._cache.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise CapacityError(
+                f"out of memory on {self.device} while {what} ({self.dtype}); try dtype bfloat16, a smaller "
+                f"cache (cache_bytes), fewer concurrent volumes, or device cpu."
+            ) from err
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, volume: Volume) -> VolumeHandle:
+        """Map ``volume`` to the model grid and encode it (cached by content: encoding the same voxels and
+        geometry again is free).
+
+        Raises:
+            InputError: not a 3D CT volume (see :func:`check_ct`).
+        """
+        check_ct(volume)
+        key = _volume_key(volume)
+        handle = VolumeHandle(key, tuple(volume.array.shape), volume)
+        self._entry(handle)
+        return handle
+
+    def _entry(self, handle: VolumeHandle) -> _Encoded:
+        if handle.key in self._cache:
+            self._cache.move_to_end(handle.key)
+            return self._cache[handle.key]
+        config = self.model.config
+        grid = GridConfig(spatial_size=config.vision.img_size)
+        image, record = to_model(handle.volume, grid)
+        windowed = GridConfig(spatial_size=grid.spatial_size, intensity="window", window=config.segmenter.window)
+        sam_image, _ = to_model(handle.volume, windowed)
+        image_t = torch.from_numpy(image)[None, None].to(self.device)
+        with self._capacity("encoding the volume"), torch.inference_mode(), self._autocast():
+            visual = self.model.visual_tokens(image_t.to(self.dtype))
+        entry = _Encoded(record, image_t, torch.from_numpy(sam_image)[None].to(self.device), visual)
+        self._cache[handle.key] = entry
+        self._evict()
+        return entry
+
+    def _features(self, entry: _Encoded) -> dict:
+        if entry.features is None:
+            with self._capacity("encoding the slices with SAM2"), torch.inference_mode(), self._autocast():
+                entry.features = self.model.sam_features(entry.sam_image[0])
+            self._evict()
+        return entry.features
+
+    # ------------------------------------------------------------------ tasks
+
+    def _generate(self, entry: _Encoded, question: str, history: Sequence[tuple[str, str]], max_new_tokens: int,
+                  on_token: Callable[[str], None] | None) -> tuple[list[int], list[int]]:  # fmt: skip
+        prompt = self.model.prompt_ids(question, tuple(tuple(turn) for turn in history))
+        with self._capacity("generating text"), self._autocast():
+            answer = self.model.generate(None, prompt, max_new_tokens=max_new_tokens, on_token=on_token,
+                                         visual=entry.visual)  # fmt: skip
+        return prompt, answer
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.model.tokenizer.decode(ids, skip_special_tokens=False).replace("<|im_end|>", "").strip()
+
+    def report(self, handle: VolumeHandle, on_token: Callable[[str], None] | None = None,
+               max_new_tokens: int = REPORT_TOKENS) -> Report:  # fmt: skip
+        """Generate a radiology report; ``on_token`` receives the text as it is generated."""
+        start = time.perf_counter()
+        entry = self._entry(handle)
+        _, answer = self._generate(entry, load_templates().report_questions[0], (), max_new_tokens, on_token)
+        text = self._decode(answer)
+        findings, impression = _split_report(text)
+        return Report(text, findings, impression, time.perf_counter() - start)
+
+    def ask(self, handle: VolumeHandle, question: str, history: Sequence[tuple[str, str]] = (),
+            kind: str = "short", on_token: Callable[[str], None] | None = None) -> Answer:  # fmt: skip
+        """Answer a question about the volume; ``history`` holds earlier (question, answer) turns of the chat,
+        ``kind`` is ``short``, ``long`` or ``choice`` (options written in the question, e.g. "(a) … (b) …")."""
+        if not question or not question.strip():
+            raise InputError("the question is empty.")
+        if kind not in ANSWER_TOKENS:
+            raise InputError(f"unknown answer kind {kind!r}; choose one of {sorted(ANSWER_TOKENS)}.")
+        start = time.perf_counter()
+        entry = self._entry(handle)
+        _, answer = self._generate(entry, vqa_question(question, kind), history, ANSWER_TOKENS[kind], on_token)
+        text = self._decode(answer)
+        choice = _choice_letter(text) if kind == "choice" else None
+        return Answer(text, kind, choice, time.perf_counter() - start)
+
+    def segment(self, handle: VolumeHandle, text: str | None = None, points: Sequence[PointPrompt] = (),
+                boxes: Sequence[BoxPrompt] = (), *, answer: str | None = None) -> SegmentResult:  # fmt: skip
+        """Segment from text, point/box prompts (IJK of the volume), or both.
+
+        The model answers the question built from ``text`` (:func:`segmentation_question`; a generic question
+        when only prompts are given); each ``[SEG]`` in its answer gives one mask, the prompts steer the
+        first. ``answer`` replaces generation by a given answer (evaluating the mask path alone); it must
+        contain ``[SEG]``.
+
+        Raises:
+            InputError: no text and no prompts, a prompt outside the volume, or an ``answer`` without ``[SEG]``.
+        """
+        if text is None and not points and not boxes:
+            raise InputError("nothing to segment: give a text, point prompts or box prompts.")
+        if answer is not None and SEG_TOKEN not in answer:
+            raise InputError(f"a given answer must contain {SEG_TOKEN}, got {answer!r}.")
+        question = segmentation_question(text) if text is not None else load_templates().prompt_questions[0]
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        entry = self._entry(handle)
+        points_model, boxes_model = entry.record.prompts_to_model(tuple(points), tuple(boxes))
+        timings["encode"] = time.perf_counter() - start
+        if answer is None:
+            prompt, answer_ids = self._generate(entry, question, (), SEGMENT_TOKENS, None)
+        else:
+            prompt = self.model.prompt_ids(question)
+            answer_ids = self.model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        timings["generate"] = time.perf_counter() - start - timings["encode"]
+        answer_text = self._decode(answer_ids)
+        count = answer_ids.count(self.model.tokens.seg)
+        objects: list[ObjectMask] = []
+        if count:
+            mark = time.perf_counter()
+            features = self._features(entry)
+            timings["sam_encode"] = time.perf_counter() - mark
+            targets = [SegTarget(None, tuple(points_model), tuple(boxes_model))] + [SegTarget()] * (count - 1)
+            mark = time.perf_counter()
+            with self._capacity("decoding masks"), self._autocast():
+                masks = self.model.segment_answer(None, entry.sam_image, prompt, answer_ids, targets,
+                                                  visual=entry.visual, features=features)  # fmt: skip
+            probabilities = masks.probabilities.float().cpu().numpy()
+            scores = masks.object_scores.float().amax(dim=1).cpu().tolist()
+            for label, prob, score in zip(_labels(text, answer_text, count), probabilities, scores, strict=True):
+                mask = (probabilities_from_model(prob, entry.record) > 0.5).astype(np.uint8)
+                objects.append(ObjectMask(label, mask, float(score)))
+            timings["masks"] = time.perf_counter() - mark
+        timings["total"] = time.perf_counter() - start
+        return SegmentResult(question, answer_text, objects, handle.volume.ijk_to_ras.copy(), timings)
+
+    def describe(self) -> dict[str, Any]:
+        """Model, device and cache facts (for ``--json`` output and the server's capabilities)."""
+        config = self.model.config
+        return {"preset": config.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "grid": list(config.vision.img_size), "cached_volumes": len(self._cache),
+                "cached_bytes": self.cached_bytes}  # fmt: skip
