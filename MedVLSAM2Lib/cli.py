@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -423,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medvlsam2`` console script."""
     args = build_parser().parse_args(argv)
+    if not (args.verbose or args.debug):  # library deprecation notices are for developers, not for CLI users
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\.")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -125,7 +125,7 @@ def fine_tune(corpus: DemoCorpus, output: Path, steps: int, seed: int = 0,
                              init_from=checkpoint, output_dir=str(run))  # fmt: skip
         offset = done
 
-        def progress(step: int, total: int, metrics: dict) -> None:
+        def progress(step: int, total: int, metrics: dict, offset: int = offset) -> None:
             if on_step:
                 on_step(offset + step, steps, metrics)
 
