@@ -147,11 +147,9 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"report      {result.report}")
     for turn in result.chat:
         print(f"ask         {turn['question']}\n            -> {turn['answer']}")
-    print(f"{'task':<12}{'target':<12}{'Dice':>7}  {'grid max':>8}  answer")
+    print(f"{'task':<12}{'target':<12}{'Dice':>7}{'grid':>7}  answer")
     for task in result.tasks:
-        print(
-            f"{task.task:<12}{task.target:<12}{task.dice:>7.3f}  {result.grid_dice[task.target]:>8.3f}  {task.answer}"
-        )
+        print(f"{task.task:<12}{task.target:<12}{task.dice:>7.3f}{result.grid_dice[task.target]:>7.3f}  {task.answer}")
     print("wrote       " + "\n            ".join(str(p) for p in result.files))
     return 0
 
@@ -366,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--volume", help="another CT volume instead of the packaged one")
     demo.add_argument("--segmentation", help="a .seg.nrrd on the volume's grid (needed with --volume)")
     demo.add_argument("--weights", help="run this trained checkpoint instead of fine-tuning the tiny preset")
-    demo.add_argument("--steps", type=int, help="fine-tuning steps (default: 500)")
+    demo.add_argument("--steps", type=int, help="fine-tuning steps (default: 600)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     demo.add_argument("--seed", type=int, default=0, help="random seed for training and prompt synthesis")
     demo.set_defaults(run=_demo)

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 MARKER = ".medvlsam2-demo"  # marks a folder the demo may replace on the next run
 TARGETS = ("right lung", "left lung")
-DEFAULT_STEPS = 500
+DEFAULT_STEPS = 600
 DISPLAY_WINDOW_HU = (-1000.0, 400.0)
 
 

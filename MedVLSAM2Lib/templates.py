@@ -171,6 +171,9 @@ def vqa_question(question: str, kind: str) -> str:
     return f"{question.strip()} {VQA_KIND_TAGS[kind]}"
 
 
-def report_prompt(rng: np.random.Generator) -> str:
-    """A random report-generation instruction."""
-    return _pick(load_templates().report_questions, rng)
+def report_prompt(rng: np.random.Generator, *, phrasings: int = 0) -> str:
+    """A random report-generation instruction (from the first ``phrasings`` ones when > 0)."""
+    if phrasings < 0:
+        raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
+    questions = load_templates().report_questions
+    return _pick(questions[:phrasings] if phrasings else questions, rng)

@@ -47,3 +47,5 @@ def test_term_dictionary_rejects_bad_files(tmp_path):
 
 def test_report_prompt_is_seeded():
     assert report_prompt(np.random.default_rng(5)) == report_prompt(np.random.default_rng(5))
+    first = load_templates().report_questions[0]
+    assert {report_prompt(np.random.default_rng(s), phrasings=1) for s in range(20)} == {first}

@@ -117,7 +117,7 @@ class TaskMixture(torch.utils.data.Dataset):
         name = names[int(rng.integers(len(names)))]
         cached = self.text_cache.load(name)
         if task == "report":
-            turns = [(report_prompt(rng), self.reports[name])]
+            turns = [(report_prompt(rng, phrasings=self.phrasings), self.reports[name])]
         else:
             pairs = self.vqa[name]
             turns = [pairs[int(rng.integers(len(pairs)))]]
