@@ -32,6 +32,7 @@ import torch
 
 from .config import PRESETS, preset
 from .errors import CapacityError, InputError, WeightsError
+from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import MedVLSAM2Model, SegTarget
 from .preprocess import GridConfig, GridRecord, probabilities_from_model, to_model
 from .prompts import BoxPrompt, PointPrompt
@@ -73,7 +74,8 @@ class Report:
 
 @dataclass
 class Answer:
-    """A VQA answer; ``choice`` is the option letter picked (multiple choice only, ``None`` if unreadable)."""
+    """A VQA answer; ``choice`` is the option letter it picks among those written in the question (multiple
+    choice only; ``None`` when it names none or several, see :mod:`MedVLSAM2Lib.evaluation.choice`)."""
 
     text: str
     kind: str
@@ -186,12 +188,6 @@ def _split_report(text: str) -> tuple[str, str]:
     findings, impression = (text[: match.start()], text[match.end() :]) if match else (text, "")
     findings = re.sub(r"^\s*findings\s*:", "", findings, flags=re.IGNORECASE)
     return findings.strip(), impression.strip()
-
-
-def _choice_letter(answer: str) -> str | None:
-    """The option letter an answer starts with: "(b) …", "B. …", "b) …" or a lone letter."""
-    match = re.match(r"\s*\(?([A-Ha-h])(?:[).:]|\s|$)", answer)
-    return match.group(1).upper() if match else None
 
 
 def segmentation_question(text: str) -> str:
@@ -355,7 +351,7 @@ class InferenceEngine:
         entry = self._entry(handle)
         _, answer = self._generate(entry, vqa_question(question, kind), history, ANSWER_TOKENS[kind], on_token)
         text = self._decode(answer)
-        choice = _choice_letter(text) if kind == "choice" else None
+        choice = parse_choice(text, question_options(question)) if kind == "choice" else None
         return Answer(text, kind, choice, time.perf_counter() - start)
 
     def segment(self, handle: VolumeHandle, text: str | None = None, points: Sequence[PointPrompt] = (),

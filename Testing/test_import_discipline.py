@@ -21,6 +21,7 @@ LIGHT_MODULES = [
     "MedVLSAM2Lib.terminology",
     "MedVLSAM2Lib.metrics",
     "MedVLSAM2Lib.demo",
+    "MedVLSAM2Lib.evaluation.choice",
     "MedVLSAM2Lib.data.ctrate",
     "MedVLSAM2Lib.data.m3dseg",
     "MedVLSAM2Lib.cli",

@@ -1,0 +1,83 @@
+"""Segmentation metrics per structure: hard Dice, M3D's soft Dice and normalised surface Dice (MONAI).
+
+A structure absent from the ground truth has no Dice: :class:`MaskScores` marks it ``empty_truth`` with
+``None`` scores, and :func:`summarize` counts such cases instead of averaging a Dice of 1 or 0 into the mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import InputError
+
+__all__ = ["MaskScores", "score_mask", "soft_dice", "summarize"]
+
+
+@dataclass
+class MaskScores:
+    """Scores of one predicted structure against its ground truth (``None`` where undefined)."""
+
+    dice: float | None
+    soft_dice: float | None
+    surface_dice: float | None
+    truth_voxels: int
+    predicted_voxels: int
+    empty_truth: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def soft_dice(probabilities: np.ndarray, truth: np.ndarray, smooth: float = 1.0) -> float:
+    """M3D's Dice (``Bench/eval/metrics.py:BinaryDice``): on probabilities, not thresholded, smooth 1."""
+    p, t = np.asarray(probabilities, np.float64).ravel(), np.asarray(truth, np.float64).ravel()
+    return float((2.0 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth))
+
+
+def score_mask(probabilities: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *,
+               threshold: float = 0.5, tolerance_mm: float = 1.0) -> MaskScores:  # fmt: skip
+    """Hard Dice (``probabilities > threshold``), soft Dice and surface Dice at ``tolerance_mm``.
+
+    Args:
+        probabilities: prediction, ``(K, J, I)`` in [0, 1] (a binary mask works too).
+        truth: ground truth of the same shape.
+        spacing: voxel size in mm along the array axes ``(k, j, i)``.
+    """
+    import torch
+    from monai.metrics import compute_dice, compute_surface_dice
+
+    probabilities, truth = np.asarray(probabilities, np.float32), np.asarray(truth) > 0
+    if probabilities.shape != truth.shape or probabilities.ndim != 3:
+        raise InputError(f"prediction {probabilities.shape} and ground truth {truth.shape} must be one 3D shape.")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise InputError(f"spacing must be three positive millimetre values, got {list(spacing)}.")
+    predicted = probabilities > threshold
+    counts = int(truth.sum()), int(predicted.sum())
+    if counts[0] == 0:
+        return MaskScores(None, None, None, *counts, empty_truth=True)
+    y_pred = torch.from_numpy(predicted)[None, None].float()
+    y = torch.from_numpy(truth)[None, None].float()
+    dice = float(compute_dice(y_pred, y, include_background=True)[0, 0])
+    surface = compute_surface_dice(torch.cat([1 - y_pred, y_pred], 1), torch.cat([1 - y, y], 1), [tolerance_mm],
+                                   spacing=[float(s) for s in spacing])  # fmt: skip
+    surface_dice = float(surface[0, 0])
+    return MaskScores(dice, soft_dice(probabilities, truth), 0.0 if np.isnan(surface_dice) else surface_dice,
+                      *counts, empty_truth=False)  # fmt: skip
+
+
+def summarize(rows: Iterable[dict], by: str = "structure") -> dict[str, dict]:
+    """Mean scores per value of ``by`` over rows holding :meth:`MaskScores.to_dict` fields, with the number of
+    cases scored and of cases whose ground truth was empty (left out of the means)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(str(row[by]), []).append(row)
+    summary = {}
+    for name, items in sorted(groups.items()):
+        scored = [r for r in items if not r["empty_truth"]]
+        means = {key: (float(np.mean([r[key] for r in scored])) if scored else None)
+                 for key in ("dice", "soft_dice", "surface_dice")}  # fmt: skip
+        summary[name] = {**means, "cases": len(scored), "empty_truth_cases": len(items) - len(scored)}
+    return summary
