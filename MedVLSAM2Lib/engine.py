@@ -64,11 +64,13 @@ class VolumeHandle:
 
 @dataclass
 class Report:
-    """A generated report: the whole text, and its findings and impression sections (CT-RATE layout)."""
+    """A generated report: the whole text, its findings and impression sections (CT-RATE layout), and the
+    number of tokens generated."""
 
     text: str
     findings: str
     impression: str
+    tokens: int
     seconds: float
 
 
@@ -337,7 +339,7 @@ class InferenceEngine:
         _, answer = self._generate(entry, load_templates().report_questions[0], (), max_new_tokens, on_token)
         text = self._decode(answer)
         findings, impression = _split_report(text)
-        return Report(text, findings, impression, time.perf_counter() - start)
+        return Report(text, findings, impression, len(answer), time.perf_counter() - start)
 
     def ask(self, handle: VolumeHandle, question: str, history: Sequence[tuple[str, str]] = (),
             kind: str = "short", on_token: Callable[[str], None] | None = None) -> Answer:  # fmt: skip
