@@ -119,7 +119,11 @@ class TermDictionary:
         return descriptions[int(rng.integers(len(descriptions)))]
 
 
-def _pick(options: tuple[str, ...], rng: np.random.Generator) -> str:
+def _pick(options: tuple[str, ...], rng: np.random.Generator, phrasings: int = 0) -> str:
+    """One random option, from the first ``phrasings`` ones when > 0 (0: all of them)."""
+    if phrasings < 0:
+        raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
+    options = options[:phrasings] if phrasings else options
     return options[int(rng.integers(len(options)))]
 
 
@@ -137,12 +141,10 @@ def segmentation_prompt(
     class. Absent targets (``present=False``) get a "no" answer without ``[SEG]``. ``phrasings`` > 0 draws
     from the first that many questions and answers only (0: all of them).
     """
-    if phrasings < 0:
-        raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
     t = load_templates()
 
     def pick(options: tuple[str, ...]) -> str:
-        return _pick(options[:phrasings] if phrasings else options, rng)
+        return _pick(options, rng, phrasings)
 
     if terms is None:
         question = pick(t.semantic_questions).format(category)
@@ -155,13 +157,8 @@ def segmentation_prompt(
 
 def prompt_only_prompt(rng: np.random.Generator, *, phrasings: int = 0) -> tuple[str, str]:
     """A (question, answer) pair for interactive segmentation from points/boxes alone (no class name)."""
-    if phrasings < 0:
-        raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
     t = load_templates()
-    questions, answers = (t.prompt_questions, t.semantic_answers)
-    if phrasings:
-        questions, answers = questions[:phrasings], answers[:phrasings]
-    return _pick(questions, rng), _pick(answers, rng)
+    return _pick(t.prompt_questions, rng, phrasings), _pick(t.semantic_answers, rng, phrasings)
 
 
 def vqa_question(question: str, kind: str) -> str:
@@ -173,7 +170,4 @@ def vqa_question(question: str, kind: str) -> str:
 
 def report_prompt(rng: np.random.Generator, *, phrasings: int = 0) -> str:
     """A random report-generation instruction (from the first ``phrasings`` ones when > 0)."""
-    if phrasings < 0:
-        raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
-    questions = load_templates().report_questions
-    return _pick(questions[:phrasings] if phrasings else questions, rng)
+    return _pick(load_templates().report_questions, rng, phrasings)
