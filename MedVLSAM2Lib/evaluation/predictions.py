@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["model_fingerprint", "PredictionLog"]
+__all__ = ["model_fingerprint", "PredictionLog", "read_predictions"]
 
 FORMAT = 1
 
@@ -38,6 +38,39 @@ def model_fingerprint(source: str | os.PathLike) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def read_predictions(path: str | os.PathLike, header: dict[str, Any]) -> tuple[dict[str, dict], int]:
+    """The finished cases of a prediction file (by id) and the byte length of its complete lines; never writes
+    (a last line without its newline, cut off or still being written, is left out).
+
+    Raises:
+        InputError: the header differs from ``header`` (another checkpoint, task or setting), or a line is
+            unreadable.
+    """
+    path = Path(path)
+    header = {"format": FORMAT, **header}
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8").splitlines()
+    try:
+        found = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: the first line is not a prediction header ({err}).") from err
+    if lines and found != header:
+        differ = sorted(k for k in set(found) | set(header) if found.get(k) != header.get(k))
+        raise InputError(
+            f"{path}: written for another run (differs in {differ}: {[found.get(k) for k in differ]}); "
+            "predictions of different checkpoints or settings are never mixed: choose another output folder."
+        )
+    done: dict[str, dict] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: unreadable prediction line ({err}).") from err
+        done[str(record["id"])] = record
+    return done, len(complete)
+
+
 class PredictionLog:
     """An append-only prediction file for one task and model."""
 
@@ -47,33 +80,15 @@ class PredictionLog:
         self.done: dict[str, dict] = {}
         if self.path.exists() and self.path.stat().st_size > 0:
             self._resume()
-        else:
+        if not self.path.exists() or self.path.stat().st_size == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.header) + "\n")
 
     def _resume(self) -> None:
-        raw = self.path.read_bytes()
-        complete = raw[: raw.rfind(b"\n") + 1]  # a line without its newline was cut off mid-write
-        lines = complete.decode("utf-8").splitlines()
-        try:
-            found = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError as err:
-            raise InputError(f"{self.path}: the first line is not a prediction header ({err}).") from err
-        if found != self.header:
-            differ = sorted(k for k in set(found) | set(self.header) if found.get(k) != self.header.get(k))
-            raise InputError(
-                f"{self.path}: written for another run (differs in {differ}: {[found.get(k) for k in differ]}); "
-                "predictions of different checkpoints or settings are never mixed: choose another output folder."
-            )
-        for number, line in enumerate(lines[1:], start=2):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{self.path}:{number}: unreadable prediction line ({err}).") from err
-            self.done[str(record["id"])] = record
-        if len(complete) != len(raw):
+        self.done, complete = read_predictions(self.path, self.header)
+        if complete != self.path.stat().st_size:
             with self.path.open("r+b") as handle:
-                handle.truncate(len(complete))
+                handle.truncate(complete)
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one finished case (flushed and synced before returning)."""

@@ -28,6 +28,7 @@ from ..config import preset
 from ..data.cache import VolumeCache
 from ..data.ctrate import iter_reports, iter_vqa
 from ..data.mixture import TaskMixture, collate
+from ..distributed import cpu_multiprocess
 from ..model.medvlsam2 import MedVLSAM2Model
 from ..model.weights import build_model, load_checkpoint, save_checkpoint
 from ..templates import TermDictionary, vqa_question
@@ -177,12 +178,15 @@ def train(
 
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
-                              log_with="tensorboard", project_dir=str(output_dir))  # fmt: skip
+                              log_with="tensorboard", project_dir=str(output_dir), cpu=cpu_multiprocess())  # fmt: skip
     set_seed(config.seed)
     model = _build_model(config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        launch = {"processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+                  "device": str(accelerator.device), "torch": torch.__version__}  # fmt: skip
+        (output_dir / "launch.json").write_text(json.dumps(launch, indent=2))
         for module, trainable, total in trainable_report(model) if print_parameters else ():
             accelerator.print(f"trainable {module:<18}{trainable:>14,} / {total:,}")
     dataset = _dataset(config, model)

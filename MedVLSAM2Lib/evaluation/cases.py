@@ -1,0 +1,146 @@
+"""The cases an evaluation runs: CT-RATE reports and VQA turns, M3D-Seg structures × prompt modes.
+
+Layouts (as downloaded):
+
+* CT-RATE ``dataset`` folder: ``radiology_text_reports/validation_reports.csv``, ``vqa/valid_vqa.json`` and the
+  v2 volumes ``valid_fixed/valid_<p>/valid_<p>_<s>/valid_<p>_<s>_<r>.nii.gz`` (already HU).
+* ``M3D_Seg`` root: ``<code>/<code>.json`` with a ``test`` list (the paper evaluates 0012 CT-ORG, 0003
+  AbdomenCT-1K and 0011 TotalSegmentator).
+
+Every case has a stable ``id``; runners use it for resuming, sharding and seeding its prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.ctrate import iter_reports, iter_vqa, volume_path
+from ..data.m3dseg import M3DSegCase, M3DSegDataset
+from ..errors import InputError
+from ..templates import load_templates
+
+__all__ = ["TextCase", "SegCase", "SEG_MODES", "DEFAULT_SEG_DATASETS", "report_cases", "vqa_cases", "seg_cases"]
+
+REPORTS_CSV = Path("radiology_text_reports") / "validation_reports.csv"
+VQA_JSON = Path("vqa") / "valid_vqa.json"
+DEFAULT_SEG_DATASETS = ("0012", "0003", "0011")
+# semantic: the class name; referring: a term-dictionary description; box / points: the prompt alone.
+SEG_MODES = ("semantic", "referring", "box", "points")
+VQA_KINDS = ("short", "long", "choice")
+
+
+@dataclass(frozen=True)
+class TextCase:
+    """A report or a VQA turn on one CT-RATE volume; ``history`` holds the earlier turns of its conversation."""
+
+    id: str
+    volume_path: Path
+    question: str
+    reference: str
+    kind: str
+    history: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class SegCase:
+    """One structure of one M3D-Seg case under one prompt ``mode`` (see ``SEG_MODES``)."""
+
+    id: str
+    dataset: str
+    case: M3DSegCase
+    structure: str
+    mode: str
+
+
+def _split_file(root: Path, given: str | os.PathLike | None, default: Path, what: str) -> Path:
+    path = Path(given) if given else root / default
+    if not path.is_file():
+        raise InputError(f"{path}: no {what} (expected <data>/{default}, or pass --split-file).")
+    return path
+
+
+def _ctrate_volume(root: Path, image: str, where: Path) -> Path:
+    path = volume_path(root, image.split(".")[0])
+    if not path.is_file():
+        raise InputError(f"{path}: volume {image!r} listed in {where} is missing (CT-RATE v2 '*_fixed' layout).")
+    return path
+
+
+def _limited(cases: list, limit: int | None) -> list:
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}.")
+    return cases[:limit] if limit else cases
+
+
+def report_cases(root: str | os.PathLike, split_file: str | os.PathLike | None = None,
+                 limit: int | None = None) -> list[TextCase]:  # fmt: skip
+    """One case per report of the CT-RATE validation CSV; the reference is Findings + Impression."""
+    root = Path(root)
+    csv_path = _split_file(root, split_file, REPORTS_CSV, "CT-RATE validation reports CSV")
+    question = load_templates().report_questions[0]
+    cases = []
+    for report in iter_reports(csv_path):
+        if not (report.findings or report.impressions):
+            continue  # nothing to score against
+        path = _ctrate_volume(root, report.volume_name, csv_path)
+        cases.append(TextCase(report.volume_name.split(".")[0], path, question, report.text, "report"))
+    if not cases:
+        raise InputError(f"{csv_path}: no report with findings or impression.")
+    return _limited(cases, limit)
+
+
+def vqa_cases(root: str | os.PathLike, split_file: str | os.PathLike | None = None,
+              kinds: Sequence[str] = VQA_KINDS, limit: int | None = None) -> list[TextCase]:  # fmt: skip
+    """One case per short / long / multiple-choice turn of CT-CHAT's validation VQA JSON (report-generation
+    turns belong to the report task); earlier turns of the same record are given as chat history."""
+    unknown = sorted(set(kinds) - set(VQA_KINDS))
+    if unknown:
+        raise InputError(f"unknown VQA kinds {unknown}; choose from {list(VQA_KINDS)}.")
+    root = Path(root)
+    json_path = _split_file(root, split_file, VQA_JSON, "CT-CHAT validation VQA JSON")
+    cases = []
+    for index, sample in enumerate(iter_vqa(json_path)):
+        path = _ctrate_volume(root, sample.image, json_path)
+        history: list[tuple[str, str]] = []
+        for turn_index, turn in enumerate(sample.turns):
+            if turn.kind in kinds:
+                case_id = f"{sample.id or index}#{turn_index}"
+                cases.append(TextCase(case_id, path, turn.question, turn.answer, turn.kind, tuple(history)))
+            history.append((turn.question, turn.answer))
+    if not cases:
+        raise InputError(f"{json_path}: no VQA turn of kind {list(kinds)}.")
+    return _limited(cases, limit)
+
+
+def seg_cases(root: str | os.PathLike, datasets: Sequence[str] = DEFAULT_SEG_DATASETS, split: str = "test",
+              modes: Sequence[str] = SEG_MODES, structures: Sequence[str] | None = None,
+              limit: int | None = None) -> list[SegCase]:  # fmt: skip
+    """Every (case, structure, mode) of the ``split`` lists of ``datasets``; ``structures`` restricts the
+    categories (names as in each dataset's JSON); ``limit`` keeps the first cases (volumes) of each dataset."""
+    unknown = sorted(set(modes) - set(SEG_MODES))
+    if unknown:
+        raise InputError(f"unknown segmentation modes {unknown}; choose from {list(SEG_MODES)}.")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}.")
+    cases = []
+    for code in datasets:
+        dataset = M3DSegDataset(root, code)
+        names = list(dataset.categories)
+        if structures:
+            missing = [s for s in structures if s not in names]
+            if len(missing) == len(structures):
+                raise InputError(f"{dataset.json_path}: none of {list(structures)} is a category ({names[:8]}…).")
+            names = [s for s in names if s in structures]
+        for number, case in enumerate(dataset.cases(split)):
+            if limit and number >= limit:
+                break
+            for structure in names:
+                for mode in modes:
+                    case_id = f"{code}/{case.name}/{structure}/{mode}"
+                    cases.append(SegCase(case_id, code, case, structure, mode))
+    if not cases:
+        raise InputError(f"{root}: the {split!r} split of {list(datasets)} lists no case.")
+    return cases

@@ -1,0 +1,120 @@
+"""One evaluation, start to finish: cases → predictions (resumable, sharded) → metrics, tables and plots.
+
+::
+
+    evaluate("seg", "path/to/checkpoint", data="M3D_Seg", out="eval/seg", seed=0)
+
+What ``medvlsam2 evaluate report|vqa|seg`` runs; under ``accelerate launch`` every process calls it and
+process 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..templates import TermDictionary
+from .cases import DEFAULT_SEG_DATASETS, SEG_MODES, VQA_KINDS, report_cases, seg_cases, vqa_cases
+from .predictions import model_fingerprint
+from .tasks import SegPredictor, Shard, TextPredictor, run_cases
+
+__all__ = ["EvaluationSettings", "evaluate", "TASKS"]
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("report", "vqa", "seg")
+
+
+@dataclass
+class EvaluationSettings:
+    """What an evaluation runs. Only the fields in :meth:`header` change predictions: a rerun that changes one
+    of them needs a new output folder; ``limit`` and the BERTScore options may change between runs."""
+
+    split_file: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    kinds: Sequence[str] = VQA_KINDS
+    datasets: Sequence[str] = DEFAULT_SEG_DATASETS
+    modes: Sequence[str] = SEG_MODES
+    structures: Sequence[str] | None = None
+    terms: str | None = None
+    forced_answer: bool = False
+    tolerance_mm: float = 1.0
+    protocols: Sequence[str] = ("corpus", "sample")
+    bertscore_model: str | None = None
+    compare: str | None = None
+    examples: int = 2
+
+    def header(self, task: str) -> dict:
+        settings = {"seed": self.seed, "forced_answer": self.forced_answer, "tolerance_mm": self.tolerance_mm}
+        if task == "seg":
+            settings["terms"] = str(self.terms) if self.terms else None
+        return {"task": task, "settings": settings}
+
+
+def _terms(data: Path, given: str | None, modes: Sequence[str]) -> TermDictionary | None:
+    if "referring" not in modes:
+        return None
+    path = Path(given) if given else data.parent / "term_dictionary.json"
+    if not path.is_file():
+        raise InputError(f"{path}: referring segmentation needs M3D's term_dictionary.json (pass --terms FILE).")
+    return TermDictionary.load(path)
+
+
+def evaluate(task: str, source: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+             settings: EvaluationSettings | None = None, *, engine=None, device: str = "cpu",  # noqa: ANN001
+             dtype: str = "float32", shard: Shard | None = None,
+             progress: Callable[[int, int, str], None] | None = None) -> dict | None:  # fmt: skip
+    """Evaluate the checkpoint (or preset) ``source`` on ``task`` over the dataset at ``data``.
+
+    Args:
+        task: ``report`` / ``vqa`` (``data`` is CT-RATE's ``dataset`` folder) or ``seg`` (the ``M3D_Seg`` root).
+        engine: an already loaded :class:`~MedVLSAM2Lib.engine.InferenceEngine` of ``source`` (else loaded here).
+        shard: this process's shard (default: from ``accelerate``, one process when run plainly).
+
+    Returns:
+        The metrics on process 0 (also written to ``out/metrics.json`` with the tables and plots), else ``None``.
+    """
+    from .scoring import task_metrics
+    from .tables import read_compare, write_outputs
+
+    if task not in TASKS:
+        raise InputError(f"unknown evaluation task {task!r}; choose one of {list(TASKS)}.")
+    settings = settings or EvaluationSettings()
+    data, out = Path(data), Path(out)
+    if not data.is_dir():
+        raise InputError(f"{data}: no such data folder.")
+    compare = read_compare(settings.compare) if settings.compare else None
+    if task == "report":
+        cases = report_cases(data, settings.split_file, settings.limit)
+    elif task == "vqa":
+        cases = vqa_cases(data, settings.split_file, settings.kinds, settings.limit)
+    else:
+        cases = seg_cases(data, settings.datasets, "test", settings.modes, settings.structures, settings.limit)
+    header = {**settings.header(task), "model": model_fingerprint(source), "dtype": str(dtype)}
+    if engine is None:
+        from ..engine import InferenceEngine
+
+        engine = InferenceEngine.load(source, device=device, dtype=dtype)
+    if task == "seg":
+        terms = _terms(data, settings.terms, settings.modes)
+        predict = SegPredictor(engine, settings.seed, terms, forced_answer=settings.forced_answer,
+                               tolerance_mm=settings.tolerance_mm, out=out, examples=settings.examples)  # fmt: skip
+    else:
+        predict = TextPredictor(engine)
+    shard = shard or Shard.from_accelerate()
+    logger.info("evaluating %s: %d cases, process %d of %d", task, len(cases), shard.rank + 1, shard.world)
+    records = run_cases(cases, predict, out, header, shard, progress)
+    if records is None:
+        return None
+    skip_bertscore = settings.bertscore_model is not None and str(settings.bertscore_model).lower() == "none"
+    text_options = {"protocols": settings.protocols, "use_bertscore": not skip_bertscore,
+                    "bertscore_model": None if skip_bertscore else settings.bertscore_model}  # fmt: skip
+    metrics = task_metrics(task, records, **({} if task == "seg" else text_options))
+    metrics.update(model=header["model"], settings=header["settings"], dtype=str(dtype), data=str(data))
+    write_outputs(metrics, out, Path(str(source)).name, compare)
+    return metrics

@@ -1,0 +1,225 @@
+"""Task runners: one prediction per case, streamed to JSON Lines, resumable, sharded over processes.
+
+Each process appends to its own ``<out>/predictions/part-<rank>.jsonl`` (see :mod:`.predictions`). Case ``n``
+of the (deterministic) case list belongs to process ``n % world``; a case finished in any part file is never
+run again, so a killed run resumes where it stopped, with any number of processes. Prompts of case ``id`` are
+drawn from a generator seeded by ``(seed, id)`` only, so results do not depend on order or sharding. After a
+barrier, process 0 merges the parts in case order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..prompts import synthesize_box, synthesize_points
+from ..templates import SEG_TOKEN, TermDictionary, load_templates
+from .cases import SegCase, TextCase
+from .choice import parse_choice, question_options
+from .predictions import PredictionLog, read_predictions
+from .seg_metrics import score_mask
+
+__all__ = ["Shard", "case_rng", "run_cases", "TextPredictor", "SegPredictor", "FORCED_ANSWER"]
+
+# The answer given instead of generating one when only the mask path is evaluated (``--forced-answer``).
+FORCED_ANSWER = f"It is {SEG_TOKEN}."
+
+
+def _no_barrier() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world`` evaluation processes; ``barrier`` waits for all of them."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = field(default=_no_barrier, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise InputError(f"shard rank {self.rank} must be in 0..{self.world - 1}.")
+
+    @classmethod
+    def from_accelerate(cls) -> Shard:
+        """The shard of this process under ``accelerate launch`` (rank 0 of 1 when run plainly)."""
+        from accelerate import PartialState
+
+        from ..distributed import cpu_multiprocess
+
+        state = PartialState(cpu=cpu_multiprocess())
+        return cls(state.process_index, state.num_processes, state.wait_for_everyone)
+
+
+def case_rng(seed: int, case_id: str) -> np.random.Generator:
+    """The generator of one case's prompts: a function of ``seed`` and the case id alone."""
+    digest = int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+def run_cases(cases: Sequence, predict: Callable[[object], dict], out: str | Path, header: dict, shard: Shard = Shard(),
+              progress: Callable[[int, int, str], None] | None = None) -> list[dict] | None:  # fmt: skip
+    """Predict this process's unfinished cases, then (process 0) return every case's record in case order.
+
+    Args:
+        cases: objects with a unique ``id``, identical in every process.
+        predict: case → record (a JSON-able dict; ``id`` is added).
+        out: the evaluation folder; parts go to ``out/predictions``.
+        header: task, model fingerprint and settings; part files written under another header are refused.
+        progress: called as ``(done, total, case id)`` for this process's cases.
+
+    Returns:
+        The records in case order on process 0, ``None`` on the others.
+
+    Raises:
+        InputError: duplicate case ids, a part file of another run, or cases missing after the merge.
+    """
+    ids = [case.id for case in cases]
+    if len(set(ids)) != len(ids):
+        raise InputError("case ids must be unique; the split lists a case twice.")
+    parts = Path(out) / "predictions"
+    mine = parts / f"part-{shard.rank:03d}.jsonl"
+    done = _finished(parts, header, skip=mine)
+    log = PredictionLog(mine, header)
+    done.update(log.done)
+    todo = [case for n, case in enumerate(cases) if n % shard.world == shard.rank and case.id not in done]
+    for number, case in enumerate(todo, start=1):
+        log.append({"id": case.id, **predict(case)})
+        if progress:
+            progress(number, len(todo), case.id)
+    shard.barrier()
+    if shard.rank != 0:
+        return None
+    merged = _finished(parts, header)
+    missing = [i for i in ids if i not in merged]
+    if missing:
+        raise InputError(f"{parts}: {len(missing)} case(s) have no prediction (e.g. {missing[:3]}); rerun to finish.")
+    return [merged[i] for i in ids]
+
+
+def _finished(parts: Path, header: dict, skip: Path | None = None) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    for part in sorted(parts.glob("part-*.jsonl")) if parts.is_dir() else []:
+        if part != skip and part.stat().st_size:
+            done.update(read_predictions(part, header)[0])
+    return done
+
+
+class _LastVolume:
+    """Keeps the volume (and what was derived from it) of the last case: cases come grouped by volume."""
+
+    def __init__(self, load: Callable[[object], object]) -> None:
+        self._load, self._key, self._value = load, None, None
+
+    def __call__(self, key: object) -> object:
+        if key != self._key:
+            self._key, self._value = key, self._load(key)
+        return self._value
+
+
+class TextPredictor:
+    """Reports and VQA answers of an :class:`~MedVLSAM2Lib.engine.InferenceEngine` on CT-RATE volumes."""
+
+    def __init__(self, engine) -> None:  # noqa: ANN001
+        from ..data.ctrate import load_ctrate_volume
+
+        self.engine = engine
+        self._volume = _LastVolume(lambda path: engine.encode(load_ctrate_volume(path)))
+
+    def __call__(self, case: TextCase) -> dict:
+        handle = self._volume(case.volume_path)
+        record = {"kind": case.kind, "question": case.question, "reference": case.reference}
+        if case.kind == "report":
+            report = self.engine.report(handle)
+            return {**record, "prediction": report.text, "tokens": report.tokens, "seconds": report.seconds}
+        answer = self.engine.ask(handle, case.question, history=case.history, kind=case.kind)
+        record.update(prediction=answer.text, seconds=answer.seconds)
+        if case.kind == "choice":
+            options = question_options(case.question)
+            record.update(choice=answer.choice, truth=parse_choice(case.reference, options))
+        return record
+
+
+class SegPredictor:
+    """Masks for M3D-Seg cases under the seeded prompt protocol, scored as they are produced.
+
+    ``forced_answer`` evaluates the mask path alone (the answer is :data:`FORCED_ANSWER` instead of a generated
+    one); ``examples`` saves the slice of largest ground truth of the first cases of each mode to
+    ``out/examples`` for the qualitative figure.
+    """
+
+    def __init__(self, engine, seed: int = 0, terms: TermDictionary | None = None, *,  # noqa: ANN001
+                 forced_answer: bool = False, tolerance_mm: float = 1.0, out: Path | None = None,
+                 examples: int = 2) -> None:  # fmt: skip
+        self.engine, self.seed, self.terms = engine, seed, terms
+        self.forced_answer, self.tolerance_mm = forced_answer, tolerance_mm
+        self.examples_dir = Path(out) / "examples" if out is not None else None
+        self.examples = examples
+        self._shown: dict[str, int] = {}
+        self._volume = _LastVolume(self._load)
+
+    def _load(self, case) -> tuple:  # noqa: ANN001
+        volume = case.to_volume()
+        masks = case.load_masks()  # (C, X, Y, Z) → KJI per category
+        truth = {name: masks[n].transpose(2, 1, 0) for n, name in enumerate(case.categories)}
+        return volume, self.engine.encode(volume, intensity="normalized"), truth
+
+    def _prompt(self, case: SegCase, truth: np.ndarray, rng: np.random.Generator) -> dict:
+        if case.mode == "semantic":
+            return {"text": case.structure}
+        if case.mode == "referring":
+            description = self.terms.sample(case.structure, rng)
+            return {"text": load_templates().referring_questions[0].format(description), "description": description}
+        if case.mode == "box":
+            return {"boxes": [synthesize_box(truth, rng)]}
+        return {"points": synthesize_points(truth, rng)}
+
+    def __call__(self, case: SegCase) -> dict:
+        volume, handle, truths = self._volume(case.case)
+        truth = truths[case.structure]
+        record = {"dataset": case.dataset, "case": case.case.name, "structure": case.structure, "mode": case.mode}
+        if not truth.any():
+            return {**record, "empty_truth": True, "truth_voxels": 0, "dice": None, "soft_dice": None,
+                    "surface_dice": None}  # fmt: skip
+        if case.mode == "referring" and (self.terms is None or case.structure not in self.terms):
+            return {**record, "skipped": "no description of this structure in the term dictionary"}
+        rng = case_rng(self.seed, case.id)
+        prompt = self._prompt(case, truth, rng)
+        answer = FORCED_ANSWER if self.forced_answer else None
+        result = self.engine.segment(handle, prompt.get("text"), prompt.get("points", ()), prompt.get("boxes", ()),
+                                     answer=answer, probabilities=True)  # fmt: skip
+        if result.objects:
+            probabilities = result.objects[0].probabilities.astype(np.float32)
+        else:
+            probabilities = np.zeros(truth.shape, np.float32)
+        scores = score_mask(probabilities, truth, volume.spacing[::-1], tolerance_mm=self.tolerance_mm)
+        self._keep_example(case, volume.array, truth, probabilities > 0.5)
+        return {**record, **scores.to_dict(), "answer": result.answer, "masks": len(result.objects),
+                "prompt": _json_prompt(prompt), "seconds": result.timings["total"]}  # fmt: skip
+
+    def _keep_example(self, case: SegCase, image: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> None:
+        shown = self._shown.get(case.mode, 0)
+        if self.examples_dir is None or shown >= self.examples:
+            return
+        self._shown[case.mode] = shown + 1
+        k = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+        self.examples_dir.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", case.id)
+        np.savez_compressed(self.examples_dir / f"{name}.npz", image=image[k].astype(np.float32), truth=truth[k],
+                            predicted=predicted[k], id=case.id, slice=k)  # fmt: skip
+
+
+def _json_prompt(prompt: dict) -> dict:
+    out = {key: value for key, value in prompt.items() if key in ("text", "description")}
+    if "points" in prompt:
+        out["points"] = [list(p.ijk) for p in prompt["points"]]
+    if "boxes" in prompt:
+        out["boxes"] = [[*b.min_ijk, *b.max_ijk] for b in prompt["boxes"]]
+    return out
