@@ -1,5 +1,5 @@
-"""The ``medvlsam2`` command line: ``demo``, ``report``, ``ask``, ``chat``, ``segment``, ``prepare``, ``train``,
-``evaluate``, ``doctor``.
+"""The ``medvlsam2`` command line: ``demo``, ``report``, ``ask``, ``chat``, ``segment``, ``serve``, ``prepare``,
+``train``, ``evaluate``, ``doctor``.
 
 The only place (with the Slicer Widget) that turns library errors into messages and exit codes:
 a :class:`MedVLSAM2Error` prints one line and exits 2; anything else is a bug and keeps its traceback.
@@ -163,13 +163,20 @@ def _bar(total: int | None, desc: str, unit: str):  # noqa: ANN202
 
 def _open(args: argparse.Namespace):  # noqa: ANN202
     """Load the engine and encode the CT named on the command line: ``(engine, handle)``."""
-    from .engine import InferenceEngine
     from .volume import read_volume
 
-    if bool(args.weights) == bool(args.preset):
-        raise InputError("give either --weights DIR (a trained checkpoint) or --preset NAME (random weights).")
+    if sum(map(bool, (args.weights, args.preset, args.server))) != 1:
+        raise InputError("give one of --weights DIR (a trained checkpoint), --preset NAME (random weights) or "
+                         "--server URL (a running `medvlsam2 serve`).")  # fmt: skip
     with _bar(3, "load", "step") as bar:
-        engine = InferenceEngine.load(args.weights or args.preset, device=args.device, dtype=args.dtype)
+        if args.server:
+            from .serving.client import ServerClient
+
+            engine = ServerClient(args.server, args.api_key)
+        else:
+            from .engine import InferenceEngine
+
+            engine = InferenceEngine.load(args.weights or args.preset, device=args.device, dtype=args.dtype)
         bar.update()
         volume = read_volume(args.ct)
         bar.update()
@@ -252,7 +259,7 @@ def _segment(args: argparse.Namespace) -> int:
     if output is not None:
         _check_output(output, args.overwrite)
     engine, handle = _open(args)
-    result = engine.segment(handle, text=args.text, points=points, boxes=boxes)
+    result = engine.segment(handle, text=args.text, points=points, boxes=boxes, answer=args.answer)
     data = {"question": result.question, "answer": result.answer, "output": str(output) if output else None,
             "objects": [{"label": o.label, "voxels": int(o.mask.sum()), "score": round(o.score, 4), "value": n + 1}
                         for n, o in enumerate(result.objects)],
@@ -390,6 +397,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serving.client import API_KEY_ENV
+    from .serving.server import ServerSettings, serve
+
+    if bool(args.weights) == bool(args.preset):
+        raise InputError("give either --weights DIR (a trained checkpoint) or --preset NAME (random weights).")
+    settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                              max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout,
+                              max_upload_mb=args.max_upload_mb)  # fmt: skip
+    settings.check()
+    serve(args.weights or args.preset, settings, device=args.device, dtype=args.dtype)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medvlsam2", description="MedVL-SAM2: 3D CT report generation, VQA and segmentation."
@@ -422,10 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--text", help='structure name ("liver") or a description')
             sub.add_argument("--point", action="append", default=[], help="i,j,k[,label] in the CT's voxels")
             sub.add_argument("--box", action="append", default=[], help="i0,j0,k0,i1,j1,k1 in the CT's voxels")
+            sub.add_argument("--answer", help="skip generation and use this answer (with [SEG]): the mask path alone")
             sub.add_argument("-o", "--output", help="mask file: .seg.nrrd (segments) or .nii.gz/.nrrd (label map)")
             sub.add_argument("--overwrite", action="store_true", help="replace an existing output file")
         sub.add_argument("--weights", help="trained checkpoint folder (config.json + model.safetensors)")
         sub.add_argument("--preset", help="random-weight preset instead (tiny, small, paper): tests the pipeline")
+        sub.add_argument("--server", help="run on a `medvlsam2 serve` server instead, e.g. http://gpu-box:8765")
+        sub.add_argument("--api-key", help="the server's API key (default: $MEDVLSAM2_API_KEY)")
         sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
         sub.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (GPU)")
         sub.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -471,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto (cuda per process if present, else cpu), cpu, cuda:N")
     ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (GPU)")
     ev.set_defaults(run=_evaluate)
+    server = commands.add_parser("serve", help="serve the model over HTTP to Slicer and `--server` clients")
+    server.add_argument("--weights", help="trained checkpoint folder")
+    server.add_argument("--preset", help="random-weight preset instead (tests the pipeline)")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback needs a key)")
+    server.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    server.add_argument("--api-key", help="require this bearer key (default: $MEDVLSAM2_API_KEY; prefer the variable)")
+    server.add_argument("--max-sessions", type=int, default=8, help="volumes held at once (default 8)")
+    server.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an idle session ends")
+    server.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest accepted upload (default 1024)")
+    server.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
+    server.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (GPU)")
+    server.set_defaults(run=_serve)
     doctor = commands.add_parser("doctor", help="print versions, devices and import checks")
     doctor.add_argument(
         "--preset", choices=["tiny", "small", "paper"], help="also print a preset's parameters per module"

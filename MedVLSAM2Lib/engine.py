@@ -36,6 +36,7 @@ from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import MedVLSAM2Model, SegTarget
 from .preprocess import GridConfig, GridRecord, probabilities_from_model, to_model
 from .prompts import BoxPrompt, PointPrompt
+from .results import Answer, ObjectMask, Report, SegmentResult
 from .templates import SEG_TOKEN, load_templates, vqa_question
 from .volume import Volume
 
@@ -65,52 +66,6 @@ class VolumeHandle:
     shape_kji: tuple[int, int, int]
     volume: Volume = field(repr=False, compare=False)
     intensity: str = "hu"
-
-
-@dataclass
-class Report:
-    """A generated report: the whole text, its findings and impression sections (CT-RATE layout), and the
-    number of tokens generated."""
-
-    text: str
-    findings: str
-    impression: str
-    tokens: int
-    seconds: float
-
-
-@dataclass
-class Answer:
-    """A VQA answer; ``choice`` is the option letter it picks among those written in the question (multiple
-    choice only; ``None`` when it names none or several, see :mod:`MedVLSAM2Lib.evaluation.choice`)."""
-
-    text: str
-    kind: str
-    choice: str | None
-    seconds: float
-
-
-@dataclass
-class ObjectMask:
-    """One segmented structure: ``mask`` is uint8 KJI on the volume's own grid; ``score`` is SAM2's highest
-    per-slice probability that the object is present; ``probabilities`` (float16, same grid) only when asked."""
-
-    label: str
-    mask: np.ndarray
-    score: float
-    probabilities: np.ndarray | None = field(default=None, repr=False)
-
-
-@dataclass
-class SegmentResult:
-    """The model's answer and one :class:`ObjectMask` per ``[SEG]`` in it, on the grid of ``ijk_to_ras`` (the
-    volume's own); ``timings`` in seconds."""
-
-    question: str
-    answer: str
-    objects: list[ObjectMask]
-    ijk_to_ras: np.ndarray
-    timings: dict[str, float]
 
 
 @dataclass

@@ -13,6 +13,7 @@ __all__ = [
     "CapacityError",
     "ProtocolError",
     "SessionExpiredError",
+    "ServerError",
 ]
 
 
@@ -38,3 +39,7 @@ class ProtocolError(MedVLSAM2Error):
 
 class SessionExpiredError(MedVLSAM2Error):
     """A server session no longer exists (expired or deleted); upload the volume again."""
+
+
+class ServerError(MedVLSAM2Error):
+    """The server cannot be reached, refused the request (key, version), or did not answer as a MedVLSAM2 server."""

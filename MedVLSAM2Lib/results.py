@@ -1,0 +1,59 @@
+"""What the engine returns — plain numpy dataclasses, shared by the engine, the server client and Slicer.
+
+Kept apart from :mod:`MedVLSAM2Lib.engine` so that code receiving results (the HTTP client, the Slicer module)
+never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Report", "Answer", "ObjectMask", "SegmentResult"]
+
+
+@dataclass
+class Report:
+    """A generated report: the whole text, its findings and impression sections (CT-RATE layout), and the
+    number of tokens generated."""
+
+    text: str
+    findings: str
+    impression: str
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class Answer:
+    """A VQA answer; ``choice`` is the option letter it picks among those written in the question (multiple
+    choice only; ``None`` when it names none or several, see :mod:`MedVLSAM2Lib.evaluation.choice`)."""
+
+    text: str
+    kind: str
+    choice: str | None
+    seconds: float
+
+
+@dataclass
+class ObjectMask:
+    """One segmented structure: ``mask`` is uint8 KJI on the volume's own grid; ``score`` is SAM2's highest
+    per-slice probability that the object is present; ``probabilities`` (float16, same grid) only when asked."""
+
+    label: str
+    mask: np.ndarray
+    score: float
+    probabilities: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class SegmentResult:
+    """The model's answer and one :class:`ObjectMask` per ``[SEG]`` in it, on the grid of ``ijk_to_ras`` (the
+    volume's own); ``timings`` in seconds."""
+
+    question: str
+    answer: str
+    objects: list[ObjectMask]
+    ijk_to_ras: np.ndarray
+    timings: dict[str, float]

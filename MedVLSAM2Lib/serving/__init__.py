@@ -1,0 +1,1 @@
+"""Remote inference: the wire protocol, the HTTP server and its client."""
