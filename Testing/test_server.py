@@ -9,11 +9,8 @@ import http.server
 import json
 import os
 import select
-import signal
-import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from serving_fixtures import CLI, KEY, free_port, start_server, stop_server
 
 from MedVLSAM2Lib.demo import default_inputs
 from MedVLSAM2Lib.engine import InferenceEngine
@@ -34,41 +32,8 @@ from MedVLSAM2Lib.volume import Volume, read_volume
 
 pytestmark = [pytest.mark.realdata, pytest.mark.server]
 
-KEY = "test-key-0123456789"
-CLI = [str(Path(sys.executable).parent / "medvlsam2")]
 BOX = BoxPrompt((30, 40, 10), (80, 90, 20))
 POINTS = [PointPrompt((60, 70, 15), 1), PointPrompt((20, 20, 5), 0)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(port: int, *args: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "MEDVLSAM2_API_KEY": KEY}
-    command = [*CLI, "serve", "--preset", "tiny", "--port", str(port), *args]
-    process = subprocess.Popen(command, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
-                return process
-        except requests.ConnectionError:
-            time.sleep(0.3)
-    process.kill()
-    raise AssertionError(f"server did not start in 180 s: {log.read_text()[-2000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +43,10 @@ def server_log(tmp_path_factory) -> Path:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def server(server_log):  # noqa: ANN001, ANN201
-    port = _free_port()
-    process = _start(port, "--max-upload-mb", "4", "--max-sessions", "16", log=server_log)
+    port = free_port()
+    process = start_server(port, "--max-upload-mb", "4", "--max-sessions", "16", log=server_log)
     yield f"http://127.0.0.1:{port}"
-    _stop(process)
+    stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -300,13 +265,17 @@ def test_the_client_names_what_it_reached(server, monkeypatch, tmp_path):
     other.shutdown()
     # with HTTP_PROXY still set, the client reaches the server on this machine directly
     assert ServerClient(server.replace("127.0.0.1", "localhost"), KEY).capabilities()["protocol"] == 1
+    newer = ServerClient(server, KEY)
+    newer._http.headers["X-MedVLSAM2-Protocol"] = "2"  # what a client of a later release sends
+    with pytest.raises(ServerError, match=r"client speaks protocol 2, this server 1 .*install the same version"):
+        newer.capabilities()
     with pytest.raises(ServerError, match="cannot reach the MedVLSAM2 server at http://127.0.0.1:"):
-        ServerClient(f"http://127.0.0.1:{_free_port()}", KEY, retries=1, backoff_s=0.01).capabilities()
+        ServerClient(f"http://127.0.0.1:{free_port()}", KEY, retries=1, backoff_s=0.01).capabilities()
 
 
-def test_binding_beyond_loopback_without_a_key_is_refused_at_start():
+def test_binding_beyond_loopback_without_a_key_is_refused_atstart_server():
     env = {k: v for k, v in os.environ.items() if k != "MEDVLSAM2_API_KEY"}
-    result = subprocess.run([*CLI, "serve", "--preset", "tiny", "--host", "0.0.0.0", "--port", str(_free_port())],
+    result = subprocess.run([*CLI, "serve", "--preset", "tiny", "--host", "0.0.0.0", "--port", str(free_port())],
                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "refusing to listen on 0.0.0.0 without an API key" in result.stderr
@@ -314,8 +283,8 @@ def test_binding_beyond_loopback_without_a_key_is_refused_at_start():
 
 @pytest.mark.slow
 def test_expired_and_restarted_servers_never_give_a_wrong_mask(engine, volumes, tmp_path):
-    port, log = _free_port(), tmp_path / "server.log"
-    process = _start(port, "--idle-timeout", "2", log=log)
+    port, log = free_port(), tmp_path / "server.log"
+    process = start_server(port, "--idle-timeout", "2", log=log)
     try:
         client = ServerClient(f"http://127.0.0.1:{port}", KEY, retries=0)
         uploads = []
@@ -331,11 +300,11 @@ def test_expired_and_restarted_servers_never_give_a_wrong_mask(engine, volumes, 
         process.wait(timeout=20)
         with pytest.raises(ServerError, match="cannot reach the MedVLSAM2 server"):
             client.segment(handle, text="liver", boxes=[BOX])
-        process = _start(port, "--idle-timeout", "2", log=log)
+        process = start_server(port, "--idle-timeout", "2", log=log)
         _same_segmentation(client.segment(handle, text="liver", boxes=[BOX]), expected)
         assert len(uploads) == 3
     finally:
-        _stop(process)
+        stop_server(process)
 
 
 @pytest.mark.slow

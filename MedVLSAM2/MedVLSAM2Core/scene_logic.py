@@ -1,0 +1,277 @@
+"""MRML ⇄ MedVLSAM2Lib: everything the module does with Slicer nodes, without Qt or the application.
+
+Runs in the Slicer app, in headless Slicer, and on the ``slicer-core`` wheel (what the tests use). Coordinates:
+a volume's ``ijk_to_ras`` here is IJK → *world* (its parent transforms folded in), so markups read in world
+coordinates map to the volume's voxels by one inverse; masks are written into a segmentation node placed under
+the volume's transform, on the volume's own grid, so they overlay the CT exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.prompts import NEGATIVE, POSITIVE, BoxPrompt, PointPrompt
+from MedVLSAM2Lib.volume import Volume
+
+__all__ = ["SceneLogic"]
+
+
+def _array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _register_converters() -> None:
+    """Segmentations need their conversion rules; the Slicer app registers them, the slicer-core wheel does not."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+class SceneLogic:
+    """Node conversions, the backend call, and segment writing with one-step undo.
+
+    ``backend`` is a :class:`MedVLSAM2Lib.engine.InferenceEngine` (local) or a
+    :class:`MedVLSAM2Lib.serving.client.ServerClient` (remote): both have ``encode/report/ask/segment``.
+    """
+
+    def __init__(self, backend=None) -> None:  # noqa: ANN001
+        self.backend = backend
+        self._undo: list[tuple] = []
+
+    # ------------------------------------------------------------------ nodes → library
+
+    def ijkToWorld(self, volumeNode) -> np.ndarray:  # noqa: ANN001
+        """IJK → world RAS of a volume node: its IJK → RAS with its (linear) parent transforms folded in."""
+        if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError("select a scalar volume (a CT) first.")
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        matrix = _array(ijkToRas)
+        transformNode = volumeNode.GetParentTransformNode()
+        if transformNode is not None:
+            if not transformNode.IsTransformToWorldLinear():
+                raise InputError(f"{volumeNode.GetName()}: harden or remove its non-linear transform first.")
+            toWorld = vtk.vtkMatrix4x4()
+            transformNode.GetMatrixTransformToWorld(toWorld)
+            matrix = _array(toWorld) @ matrix
+        return matrix
+
+    def volumeFromNode(self, volumeNode) -> Volume:  # noqa: ANN001
+        """A :class:`Volume` of the node: voxels KJI (a copy), ``ijk_to_ras`` to world (see :meth:`ijkToWorld`)."""
+        matrix = self.ijkToWorld(volumeNode)
+        if volumeNode.GetImageData() is None:
+            raise InputError(f"{volumeNode.GetName()}: the volume has no image data.")
+        array = slicer.util.arrayFromVolume(volumeNode).copy()
+        return Volume(array, matrix, {"source_path": volumeNode.GetName()})
+
+    def _worldToIjk(self, volumeNode, points_world: np.ndarray) -> np.ndarray:  # noqa: ANN001
+        inverse = np.linalg.inv(self.ijkToWorld(volumeNode))
+        homogeneous = np.c_[points_world, np.ones(len(points_world))]
+        return (homogeneous @ inverse.T)[:, :3]
+
+    def pointsFromNode(self, pointListNode, volumeNode, positive: bool = True) -> list[PointPrompt]:  # noqa: ANN001
+        """The control points of a point list as IJK prompts of ``volumeNode`` (world → IJK), one label for all.
+
+        Raises:
+            InputError: a point lies outside the volume (named by its label).
+        """
+        if pointListNode is None:
+            return []
+        count = pointListNode.GetNumberOfControlPoints()
+        world = np.zeros((count, 3))
+        for n in range(count):
+            pointListNode.GetNthControlPointPositionWorld(n, world[n])
+        ijk = self._worldToIjk(volumeNode, world)
+        shape = np.array(volumeNode.GetImageData().GetDimensions())
+        for n, point in enumerate(ijk):
+            if np.any(point < -0.5) or np.any(point > shape - 0.5):
+                raise InputError(f"point {pointListNode.GetNthControlPointLabel(n)!r} of {pointListNode.GetName()} "
+                                 f"is outside {volumeNode.GetName()}; move it onto the image.")  # fmt: skip
+        label = POSITIVE if positive else NEGATIVE
+        return [PointPrompt(tuple(point), label) for point in ijk]
+
+    def boxFromRoiNode(self, roiNode, volumeNode) -> BoxPrompt | None:  # noqa: ANN001
+        """The IJK box of ``volumeNode`` enclosing an ROI's 8 corners (world → IJK), clamped to the volume.
+
+        Raises:
+            InputError: the ROI does not overlap the volume.
+        """
+        if roiNode is None:
+            return None
+        size = np.array(roiNode.GetSize()) / 2.0
+        corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * size
+        toWorld = _array(roiNode.GetObjectToWorldMatrix())
+        world = (np.c_[corners, np.ones(8)] @ toWorld.T)[:, :3]
+        ijk = self._worldToIjk(volumeNode, world)
+        high = np.array(volumeNode.GetImageData().GetDimensions(), float) - 1
+        lo, hi = ijk.min(axis=0), ijk.max(axis=0)
+        if np.any(hi < 0) or np.any(lo > high):
+            raise InputError(f"the ROI {roiNode.GetName()} does not overlap {volumeNode.GetName()}.")
+        return BoxPrompt(tuple(np.clip(lo, 0, high)), tuple(np.clip(hi, 0, high)))
+
+    # ------------------------------------------------------------------ the backend
+
+    def _backend(self):  # noqa: ANN202
+        if self.backend is None:
+            raise InputError("no backend: load a model (Local) or connect to a server (Remote) in Setup.")
+        return self.backend
+
+    def encode(self, volumeNode):  # noqa: ANN001, ANN201
+        """The backend's handle of the node's volume (encoded once per content: the backend caches it)."""
+        return self._backend().encode(self.volumeFromNode(volumeNode))
+
+    def report(self, volumeNode, onToken=None):  # noqa: ANN001, ANN201
+        """A radiology report of the volume; ``onToken`` receives the text as it is generated."""
+        return self._backend().report(self.encode(volumeNode), on_token=onToken)
+
+    def ask(self, volumeNode, question: str, history=(), kind: str = "short"):  # noqa: ANN001, ANN201
+        """Answer ``question`` about the volume, with the chat's earlier ``(question, answer)`` turns."""
+        return self._backend().ask(self.encode(volumeNode), question, history=history, kind=kind)
+
+    def segmentRequest(self, volumeNode, text: str | None = None, positiveNode=None, negativeNode=None,  # noqa: ANN001
+                       roiNode=None, answer: str | None = None) -> dict:  # fmt: skip
+        """Read the prompts from the nodes (main thread): the keyword arguments of :meth:`runSegment`.
+
+        Raises:
+            InputError: nothing to segment, or a prompt outside the volume.
+        """
+        points = self.pointsFromNode(positiveNode, volumeNode) + self.pointsFromNode(negativeNode, volumeNode, False)
+        box = self.boxFromRoiNode(roiNode, volumeNode)
+        text = text.strip() if text and text.strip() else None
+        if text is None and not points and box is None:
+            raise InputError("nothing to segment: type a structure or description, or place points or an ROI.")
+        return {"volume": self.volumeFromNode(volumeNode), "text": text, "points": points,
+                "boxes": [box] if box else [], "answer": answer}  # fmt: skip
+
+    def runSegment(self, volume: Volume, **prompts):  # noqa: ANN003, ANN201
+        """The backend call (no MRML access: safe on a worker thread); returns its ``SegmentResult``.
+
+        Raises:
+            InputError: the model answered without a mask.
+        """
+        backend = self._backend()
+        result = backend.segment(backend.encode(volume), **prompts)
+        if not result.objects:
+            raise InputError(f"the model answered {result.answer!r} without a mask; nothing was written.")
+        return result
+
+    def writeResult(self, result, segmentationNode, volumeNode, segmentId: str | None = None) -> list[str]:  # noqa: ANN001
+        """Write a ``SegmentResult`` (main thread): each mask as a new segment, or the first into ``segmentId``."""
+        if segmentId is not None:
+            return [self.writeSegment(segmentationNode, volumeNode, result.objects[0].mask, segmentId=segmentId)]
+        return [self.writeSegment(segmentationNode, volumeNode, obj.mask, name=obj.label) for obj in result.objects]
+
+    def segment(self, volumeNode, segmentationNode, text: str | None = None, positiveNode=None, negativeNode=None,  # noqa: ANN001
+                roiNode=None, segmentId: str | None = None, answer: str | None = None) -> list[str]:  # fmt: skip
+        """Segment from text and/or markups and write the masks (new segments, or refine ``segmentId``); the
+        three steps above in one call, for scripts and batch runs. Returns the ids of the segments written."""
+        request = self.segmentRequest(volumeNode, text, positiveNode, negativeNode, roiNode, answer)
+        result = self.runSegment(request.pop("volume"), **request)
+        return self.writeResult(result, segmentationNode, volumeNode, segmentId)
+
+    # ------------------------------------------------------------------ writing segments
+
+    def _labelmap(self, volumeNode, mask: np.ndarray):  # noqa: ANN001, ANN202
+        dims = volumeNode.GetImageData().GetDimensions()
+        if mask.shape != tuple(reversed(dims)):
+            raise InputError(f"a mask of shape {mask.shape} does not fit {volumeNode.GetName()} (K, J, I = "
+                             f"{tuple(reversed(dims))}).")  # fmt: skip
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(*dims)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = (mask > 0).astype(np.uint8).ravel()
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)  # node coordinates: the segmentation shares the volume's transform
+        image.SetImageToWorldMatrix(ijkToRas)
+        return image
+
+    def _place(self, segmentationNode, volumeNode) -> None:  # noqa: ANN001
+        _register_converters()
+        if segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+            segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        elif segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+            raise InputError(f"{segmentationNode.GetName()} sits under another transform than "
+                             f"{volumeNode.GetName()}; choose or create a segmentation for this volume.")  # fmt: skip
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        if segmentationNode.GetDisplayNode() is None and segmentationNode.GetScene() is not None:
+            segmentationNode.CreateDefaultDisplayNodes()
+
+    def _uniqueName(self, segmentation, name: str) -> str:  # noqa: ANN001
+        taken = {segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())}
+        candidate, n = name, 2
+        while candidate in taken:
+            candidate, n = f"{name} {n}", n + 1
+        return candidate
+
+    def writeSegment(self, segmentationNode, volumeNode, mask: np.ndarray, name: str | None = None,  # noqa: ANN001
+                     segmentId: str | None = None) -> str:  # fmt: skip
+        """Write ``mask`` (KJI on the volume's grid) as a new segment called ``name`` — never over an existing
+        one: a taken name gets a number — or, with ``segmentId``, replace that segment's voxels (refine).
+        Either can be reverted with :meth:`undo`. Known structure names get Slicer's terminology and colour.
+        """
+        from slicerio.segmentation import terminology_entry_to_string
+
+        from MedVLSAM2Lib.terminology import lookup
+
+        self._place(segmentationNode, volumeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        image = self._labelmap(volumeNode, mask)
+        if segmentId is not None:
+            segment = segmentation.GetSegment(segmentId)
+            if segment is None:
+                raise InputError(f"{segmentationNode.GetName()} has no segment {segmentId!r} to refine.")
+            previous = self.maskFromSegment(segmentationNode, segmentId, volumeNode)
+            self._undo.append((segmentationNode, segmentId, self._labelmap(volumeNode, previous)))
+        else:
+            name = self._uniqueName(segmentation, name or "segment")
+            segmentId = segmentation.AddEmptySegment("", name)
+            known = lookup(name.rstrip("0123456789 "))
+            if known is not None:
+                colour, terminology = known
+                segmentation.GetSegment(segmentId).SetColor(*colour)
+                segmentation.GetSegment(segmentId).SetTag("TerminologyEntry", terminology_entry_to_string(terminology))
+            self._undo.append((segmentationNode, segmentId, None))
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            image, segmentationNode, segmentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)  # fmt: skip
+        return segmentId
+
+    def undo(self) -> bool:
+        """Revert the last written or refined segment; returns whether there was anything to undo."""
+        if not self._undo:
+            return False
+        segmentationNode, segmentId, previous = self._undo.pop()
+        if previous is None:
+            segmentationNode.GetSegmentation().RemoveSegment(segmentId)
+        else:
+            replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+            slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                previous, segmentationNode, segmentId, replace
+            )
+        return True
+
+    def maskFromSegment(self, segmentationNode, segmentId: str, volumeNode) -> np.ndarray:  # noqa: ANN001
+        """The segment's voxels on the volume's grid (KJI, uint8)."""
+        scene = segmentationNode.GetScene()
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentationNode, ids, labelmap, volumeNode):  # fmt: skip
+                raise InputError(f"could not read segment {segmentId!r} of {segmentationNode.GetName()}.")
+            return (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
+        finally:
+            scene.RemoveNode(labelmap)
