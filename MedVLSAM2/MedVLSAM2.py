@@ -7,8 +7,11 @@ the panels, hands nodes to the Logic, and runs the backend call on a worker thre
 every MRML read and write stays on the main thread.
 """
 
+import importlib.util
 import logging
+import os
 import queue
+import sys
 import threading
 
 import qt
@@ -31,6 +34,16 @@ SAM2_REQUIREMENT = "sam2==1.1.0"  # installed without its dependencies: its torc
 ANSWER_KINDS = [("Short answer", "short"), ("Long answer", "long"), ("Multiple choice", "choice")]
 
 
+def addLibraryPath():
+    """Installed, MedVLSAM2Lib sits beside this file; in a source checkout (the module folder added to Slicer's
+    module paths) it sits one folder up: put that folder on sys.path so the module finds it."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if importlib.util.find_spec("MedVLSAM2Lib") is None and os.path.isfile(
+        os.path.join(checkout, "MedVLSAM2Lib", "__init__.py")
+    ):
+        sys.path.insert(0, checkout)
+
+
 class Cancelled(Exception):
     """Raised inside a running job when the user pressed Cancel."""
 
@@ -40,6 +53,7 @@ class MedVLSAM2(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
+        addLibraryPath()
         self.parent.title = "MedVLSAM2"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
@@ -156,7 +170,16 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.segmentationSelector.currentNodeChanged.connect(self.updateSegments)
         self.ui.positivePointsSelector.currentNodeChanged.connect(self.onPositivePoints)
+        self.addCompletion()
         self.updateSetup()
+
+    def addCompletion(self):
+        """Complete structure names in the Segment prompt from the terminology table (numpy-free import)."""
+        from MedVLSAM2Lib.terminology import structure_names
+
+        completer = qt.QCompleter(structure_names(), self.ui.segmentTextEdit)
+        completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
+        self.ui.segmentTextEdit.setCompleter(completer)
 
     # ------------------------------------------------------------------ setup
 

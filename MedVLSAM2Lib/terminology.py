@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-__all__ = ["lookup"]
+__all__ = ["lookup", "structure_names"]
 
 CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -50,3 +50,12 @@ def lookup(name: str) -> tuple[tuple[float, float, float], dict[str, Any]] | Non
         terminology["typeModifier"] = SIDES[side]
     rgb = entry.get(side, entry["color"]) if side else entry["color"]
     return tuple(c / 255.0 for c in rgb), terminology
+
+
+def structure_names() -> list[str]:
+    """Every name :func:`lookup` knows ("liver", "left kidney", …), sorted: the Slicer panel's completion list."""
+    names = set()
+    for structure, entry in _table().items():
+        names.add(structure)
+        names.update(f"{side} {structure}" for side in SIDES if side in entry)
+    return sorted(names)

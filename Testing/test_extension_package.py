@@ -93,3 +93,11 @@ def test_qt_free_logic_imports_without_heavy_packages():
             "import MedVLSAM2Core\nprint('ok')")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_prompt_completion_offers_only_names_with_terminology():
+    from MedVLSAM2Lib.terminology import lookup, structure_names
+
+    names = structure_names()
+    assert {"liver", "spleen", "left lung", "right lung"} <= set(names) and names == sorted(names)
+    assert all(lookup(name) is not None for name in names)

@@ -117,6 +117,7 @@ def test_segments_are_written_named_coloured_and_saved_where_the_ct_is(scene, en
     assert np.allclose(SHIFT @ saved.ijk_to_ras, volume.ijk_to_ras)  # the file is in the transform's frame
     (written,) = saved.segments
     assert written.name == "liver" and np.array_equal(written.mask.astype(np.uint8), mask)
+    assert np.allclose(written.color, lookup("liver")[0], atol=1e-3) and written.terminology["type"][1] == "10200004"
 
 
 def test_nothing_is_overwritten_silently_and_undo_restores(scene, engine):

@@ -47,8 +47,9 @@ class SceneLogic:
     :class:`MedVLSAM2Lib.serving.client.ServerClient` (remote): both have ``encode/report/ask/segment``.
     """
 
-    def __init__(self, backend=None) -> None:  # noqa: ANN001
+    def __init__(self, backend=None, intensity: str = "hu") -> None:  # noqa: ANN001
         self.backend = backend
+        self.intensity = intensity  # "hu", or "normalized" for already rescaled data such as M3D-Seg
         self._undo: list[tuple] = []
 
     # ------------------------------------------------------------------ nodes → library
@@ -131,7 +132,7 @@ class SceneLogic:
 
     def encode(self, volumeNode):  # noqa: ANN001, ANN201
         """The backend's handle of the node's volume (encoded once per content: the backend caches it)."""
-        return self._backend().encode(self.volumeFromNode(volumeNode))
+        return self._backend().encode(self.volumeFromNode(volumeNode), self.intensity)
 
     def report(self, volumeNode, onToken=None):  # noqa: ANN001, ANN201
         """A radiology report of the volume; ``onToken`` receives the text as it is generated."""
@@ -163,7 +164,7 @@ class SceneLogic:
             InputError: the model answered without a mask.
         """
         backend = self._backend()
-        result = backend.segment(backend.encode(volume), **prompts)
+        result = backend.segment(backend.encode(volume, self.intensity), **prompts)
         if not result.objects:
             raise InputError(f"the model answered {result.answer!r} without a mask; nothing was written.")
         return result
