@@ -32,7 +32,6 @@ for folder in (REPO, REPO / "MedVLSAM2"):  # a source checkout: the library and 
 
 import numpy as np  # noqa: E402
 import slicer  # noqa: E402  (3D Slicer, or the slicer-core wheel)
-import vtk  # noqa: E402
 from MedVLSAM2Core import SceneLogic  # noqa: E402
 
 from MedVLSAM2Lib.errors import MedVLSAM2Error  # noqa: E402
@@ -102,17 +101,6 @@ def backend(args: argparse.Namespace):  # noqa: ANN201
     return InferenceEngine.load(args.weights or args.preset, device=args.device)
 
 
-def volume_node(scene, volume, name: str):  # noqa: ANN001, ANN201
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    slicer.util.updateVolumeFromArray(node, volume.array)
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(volume.ijk_to_ras[r, c]))
-    node.SetIJKToRASMatrix(matrix)
-    return node
-
-
 def save_segmentation(scene, segmentation_node, path: Path) -> None:  # noqa: ANN001
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     partial = path.with_name(path.name.replace(".seg.nrrd", ".partial.seg.nrrd"))
@@ -128,7 +116,7 @@ def run_case(logic: SceneLogic, name: str, load, structures: dict, args, out: Pa
 
     scene = slicer.mrmlScene if hasattr(slicer, "app") else slicer.vtkMRMLScene()
     volume = load()
-    node = volume_node(scene, volume, name)
+    node = logic.addVolumeNode(scene, volume, name)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} MedVLSAM2")
     truths = structures.pop("__truth__")() if "__truth__" in structures else {}
     rows = []

@@ -32,14 +32,6 @@ SHIFT = np.array([[1, 0, 0, 7], [0, 1, 0, 0], [0, 0, 1, -4], [0, 0, 0, 1]], dtyp
 SEG = "It is [SEG]."
 
 
-def _vtk(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
 @pytest.fixture
 def scene(subject_a):  # noqa: ANN001, ANN201
     """A scene with the real CT (subject A) in a rotated volume node under a shifting transform."""
@@ -47,9 +39,9 @@ def scene(subject_a):  # noqa: ANN001, ANN201
     scene = slicer.vtkMRMLScene()
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     slicer.util.updateVolumeFromArray(volume, ct.array)
-    volume.SetIJKToRASMatrix(_vtk(IJK_TO_RAS))
+    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(IJK_TO_RAS))
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
-    transform.SetMatrixTransformToParent(_vtk(SHIFT))
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(SHIFT))
     volume.SetAndObserveTransformNodeID(transform.GetID())
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")

@@ -20,18 +20,6 @@ from MedVLSAM2Lib.volume import Volume
 __all__ = ["SceneLogic"]
 
 
-def _array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
 def _register_converters() -> None:
     """Segmentations need their conversion rules; the Slicer app registers them, the slicer-core wheel does not."""
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
@@ -60,14 +48,14 @@ class SceneLogic:
             raise InputError("select a scalar volume (a CT) first.")
         ijkToRas = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRas)
-        matrix = _array(ijkToRas)
+        matrix = slicer.util.arrayFromVTKMatrix(ijkToRas)
         transformNode = volumeNode.GetParentTransformNode()
         if transformNode is not None:
             if not transformNode.IsTransformToWorldLinear():
                 raise InputError(f"{volumeNode.GetName()}: harden or remove its non-linear transform first.")
             toWorld = vtk.vtkMatrix4x4()
             transformNode.GetMatrixTransformToWorld(toWorld)
-            matrix = _array(toWorld) @ matrix
+            matrix = slicer.util.arrayFromVTKMatrix(toWorld) @ matrix
         return matrix
 
     def volumeFromNode(self, volumeNode) -> Volume:  # noqa: ANN001
@@ -77,6 +65,13 @@ class SceneLogic:
             raise InputError(f"{volumeNode.GetName()}: the volume has no image data.")
         array = slicer.util.arrayFromVolume(volumeNode).copy()
         return Volume(array, matrix, {"source_path": volumeNode.GetName()})
+
+    def addVolumeNode(self, scene, volume: Volume, name: str):  # noqa: ANN001, ANN201
+        """A new scalar volume node in ``scene`` holding ``volume`` (voxels and IJK → RAS), e.g. for batch runs."""
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        slicer.util.updateVolumeFromArray(node, volume.array)
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(volume.ijk_to_ras))
+        return node
 
     def _worldToIjk(self, volumeNode, points_world: np.ndarray) -> np.ndarray:  # noqa: ANN001
         inverse = np.linalg.inv(self.ijkToWorld(volumeNode))
@@ -114,7 +109,7 @@ class SceneLogic:
             return None
         size = np.array(roiNode.GetSize()) / 2.0
         corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * size
-        toWorld = _array(roiNode.GetObjectToWorldMatrix())
+        toWorld = slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix())
         world = (np.c_[corners, np.ones(8)] @ toWorld.T)[:, :3]
         ijk = self._worldToIjk(volumeNode, world)
         high = np.array(volumeNode.GetImageData().GetDimensions(), float) - 1
