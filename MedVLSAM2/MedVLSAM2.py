@@ -7,6 +7,8 @@ the panels, hands nodes to the Logic, and runs the backend call on a worker thre
 every MRML read and write stays on the main thread.
 """
 
+import html
+import importlib
 import importlib.util
 import logging
 import os
@@ -101,19 +103,27 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
             import PyTorchUtils
 
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True) is None:
+            if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=False) is None:
                 raise RuntimeError("PyTorch was not installed; MedVLSAM2 needs it to run locally.")
         requirements = REMOTE_REQUIREMENTS if remote else LOCAL_REQUIREMENTS
         packaging = getattr(slicer, "packaging", None)
         if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(requirements)
+            packaging.pip_ensure(requirements, prompt_install=False, requester="MedVLSAM2")
         else:
             slicer.util.pip_install(requirements)
         if not remote:
-            slicer.util.pip_install(["--no-deps", SAM2_REQUIREMENT])
+            os.environ["SAM2_BUILD_CUDA"] = "0"  # Python-only sam2: no CUDA extension to compile
+            slicer.util.pip_install(["--no-deps", "--no-build-isolation", SAM2_REQUIREMENT])
+        importlib.invalidate_caches()
 
     def loadLocal(self, weights, device):
-        """Load the model from a weights folder (or a preset name) onto ``device`` (auto, cuda, cpu)."""
+        """Load the model from a weights folder (or a preset name) onto ``device`` and use it; returns its facts."""
+        self.scene.backend = self.createLocal(weights, device)
+        return self.scene.backend.describe()
+
+    @staticmethod
+    def createLocal(weights, device):
+        """An InferenceEngine over a weights folder (or a preset name) on ``device`` (auto, cuda, cpu)."""
         import torch
 
         from MedVLSAM2Lib.engine import InferenceEngine
@@ -121,21 +131,21 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        self.scene.backend = InferenceEngine.load(weights, device=device, dtype=dtype)
-        return self.scene.backend.describe()
+        return InferenceEngine.load(weights, device=device, dtype=dtype)
 
-    def connectRemote(self, url, apiKey):
-        """Connect to a MedVLSAM2 server; the key stays in memory only."""
+    @staticmethod
+    def createRemote(url, apiKey):
+        """A client of a MedVLSAM2 server, checked by asking its capabilities; the key stays in memory only."""
         from MedVLSAM2Lib.serving.client import ServerClient
 
         client = ServerClient(url, apiKey or None)
-        description = client.describe()
-        self.scene.backend = client
-        return description
+        client.describe()
+        return client
 
     @property
-    def isRemote(self):
-        return type(self.scene.backend).__name__ == "ServerClient"
+    def serverUrl(self):
+        """The server's URL when the backend is remote, else ``None``."""
+        return getattr(self.scene.backend, "url", None)
 
 
 class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
@@ -169,6 +179,7 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
         self.ui.undoButton.clicked.connect(self.onUndo)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.segmentationSelector.currentNodeChanged.connect(self.updateSegments)
+        self.ui.volumeSelector.currentNodeChanged.connect(lambda _: self.onClearChat())  # history is per volume
         self.ui.positivePointsSelector.currentNodeChanged.connect(self.onPositivePoints)
         self.addCompletion()
         self.updateSetup()
@@ -193,6 +204,8 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
         self.ui.installButton.enabled = bool(missing)
         if missing:
             self.ui.backendStatusLabel.text = f"missing: {', '.join(missing)} (click Install dependencies)"
+        elif self.logic.scene.backend is None:
+            self.ui.backendStatusLabel.text = "dependencies present; load the model or connect"
 
     def onInstall(self):
         remote = not self.ui.localRadio.checked
@@ -209,23 +222,27 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
         if self.ui.localRadio.checked:
             weights = self.ui.weightsPathEdit.currentPath
             device = self.ui.deviceCombo.currentText
-            self.run("Loading the model", lambda _: self.logic.loadLocal(weights, device), self.onBackendReady)
+            self.run("Loading the model", lambda _: MedVLSAM2Logic.createLocal(weights, device), self.onBackendReady)
         else:
             url, key = self.ui.serverUrlEdit.text, self.ui.apiKeyEdit.text
-            self.run("Connecting", lambda _: self.logic.connectRemote(url, key), self.onBackendReady)
+            self.run("Connecting", lambda _: MedVLSAM2Logic.createRemote(url, key), self.onBackendReady)
 
-    def onBackendReady(self, description):
+    def onBackendReady(self, backend):
+        """Runs on the main thread once loading or connecting succeeded (a cancelled one never gets here)."""
+        self.logic.scene.backend = backend
+        description = backend.describe()
         self.ui.backendStatusLabel.text = ", ".join(f"{k}: {v}" for k, v in description.items()
                                                      if k in ("preset", "device", "dtype", "server"))  # fmt: skip
 
     def consentToUpload(self, volumeNode):
         """Ask once per volume before its voxels leave this computer for a remote server."""
-        if not self.logic.isRemote or volumeNode.GetID() in self.uploadConsent:
+        server = self.logic.serverUrl
+        if server is None or (server, volumeNode.GetID()) in self.uploadConsent:
             return True
         if slicer.util.confirmYesNoDisplay(f"Send the voxels of '{volumeNode.GetName()}' to the server "
-                                           f"{self.logic.scene.backend.url}? Only do this if the server may "
+                                           f"{server}? Only do this if the server may "
                                            "receive this patient's data."):  # fmt: skip
-            self.uploadConsent.add(volumeNode.GetID())
+            self.uploadConsent.add((server, volumeNode.GetID()))
             return True
         return False
 
@@ -286,6 +303,7 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
             return
 
     def onProgress(self, text):
+        self.ui.reportText.moveCursor(qt.QTextCursor.End)  # append, whatever the user selected meanwhile
         self.ui.reportText.insertPlainText(text)
 
     def onCancel(self):
@@ -302,16 +320,28 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
             return None
         return volumeNode if self.consentToUpload(volumeNode) else None
 
+    def _inputs(self, volumeNode, what):
+        """``(volume, backend)`` for a job, or ``None`` after telling the user what is missing."""
+        from MedVLSAM2Lib.errors import MedVLSAM2Error
+
+        try:
+            return self.logic.scene.volumeFromNode(volumeNode), self.logic.scene.requireBackend()
+        except MedVLSAM2Error as err:
+            slicer.util.errorDisplay(f"{what}: {err}")
+            return None
+
     def onReport(self):
         volumeNode = self._volume()
         if volumeNode is None:
             return
-        volume = self.logic.scene.volumeFromNode(volumeNode)
-        backend = self.logic.scene.backend
+        scene, inputs = self.logic.scene, self._inputs(volumeNode, "Cannot generate a report")
+        if inputs is None or self._job is not None:
+            return
+        volume, backend = inputs
         self.ui.reportText.clear()
 
         def work(progress):
-            return backend.report(backend.encode(volume), on_token=progress)
+            return backend.report(backend.encode(volume, scene.intensity), on_token=progress)
 
         self.run("Generating the report", work, lambda report: self.ui.reportText.setPlainText(report.text))
 
@@ -328,17 +358,20 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
         volumeNode, question = self._volume(), self.ui.questionEdit.text.strip()
         if volumeNode is None or not question:
             return
-        kind = self.ui.answerKindCombo.currentData
-        volume, backend = self.logic.scene.volumeFromNode(volumeNode), self.logic.scene.backend
-        history = list(self.history)
+        kind, scene, history = self.ui.answerKindCombo.currentData, self.logic.scene, list(self.history)
+        inputs = self._inputs(volumeNode, "Cannot ask")
+        if inputs is None:
+            return
+        volume, backend = inputs
 
         def done(answer):
             self.history.append((question, answer.text))
-            self.ui.chatHistory.append(f"<b>You:</b> {question}<br><b>MedVLSAM2:</b> {answer.text}")
+            self.ui.chatHistory.append(f"<b>You:</b> {html.escape(question)}<br><b>MedVLSAM2:</b> "
+                                       f"{html.escape(answer.text)}")  # fmt: skip
             self.ui.questionEdit.clear()
 
         def work(_):
-            return backend.ask(backend.encode(volume), question, history=history, kind=kind)
+            return backend.ask(backend.encode(volume, scene.intensity), question, history=history, kind=kind)
 
         self.run("Answering", work, done)
 

@@ -96,6 +96,10 @@ def test_malformed_frames_are_refused_by_name():
             unpack(frame)
     with pytest.raises(ProtocolError, match="exceed the limit of 10"):
         unpack(good, Limits(max_voxels=10))
+    with pytest.raises(ProtocolError, match="declare 96 bytes in all; at most 95 are accepted"):
+        unpack(good, Limits(max_bytes=95))
+    with pytest.raises(ProtocolError, match="at most 1 entries"):
+        unpack(pack({}, [(np.zeros(2, np.uint8), {}), (np.zeros(2, np.uint8), {})]), Limits(max_arrays=1))
 
 
 def test_compressed_data_are_never_inflated_past_the_declared_shape():

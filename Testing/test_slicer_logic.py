@@ -61,6 +61,8 @@ def test_world_markups_map_to_hand_computed_voxels(scene):
     # voxel (i, j, k) = (60, 50, 15): x = -0.9·50 + 10 + 7 = -28, y = 0.8·60 - 5 = 43, z = 2.5·15 + 3 - 4 = 36.5
     scene["points"].AddControlPointWorld(vtk.vtkVector3d(-28, 43, 36.5))
     scene["points"].AddControlPointWorld(vtk.vtkVector3d(-28.9, 43.8, 39))  # (61, 51, 16)
+    scene["points"].AddControlPointWorld(vtk.vtkVector3d(0, 0, 0))
+    scene["points"].UnsetNthControlPointPosition(2)  # a point not placed yet is no prompt
     points = logic.pointsFromNode(scene["points"], scene["volume"], positive=False)
     assert np.allclose([p.ijk for p in points], [(60, 50, 15), (61, 51, 16)]) and {p.label for p in points} == {0}
     # an ROI of 9 × 8 × 5 mm around that voxel: j ± 5 (x / 0.9), i ± 5 (y / 0.8), k ± 1 (z / 2.5)
@@ -75,7 +77,7 @@ def test_world_markups_map_to_hand_computed_voxels(scene):
     with pytest.raises(InputError, match="does not overlap CT"):
         logic.boxFromRoiNode(scene["roi"], scene["volume"])
     scene["points"].AddControlPointWorld(vtk.vtkVector3d(500, 0, 0))
-    with pytest.raises(InputError, match="point 'P-3' of P is outside CT"):
+    with pytest.raises(InputError, match="point 'P-4' of P is outside CT"):
         logic.pointsFromNode(scene["points"], scene["volume"])
 
 

@@ -86,13 +86,15 @@ class SceneLogic:
         """
         if pointListNode is None:
             return []
+        placed = slicer.vtkMRMLMarkupsNode.PositionDefined  # skip points still being placed or left undefined
         count = pointListNode.GetNumberOfControlPoints()
-        world = np.zeros((count, 3))
-        for n in range(count):
-            pointListNode.GetNthControlPointPositionWorld(n, world[n])
+        defined = [n for n in range(count) if pointListNode.GetNthControlPointPositionStatus(n) == placed]
+        world = np.zeros((len(defined), 3))
+        for row, n in enumerate(defined):
+            pointListNode.GetNthControlPointPositionWorld(n, world[row])
         ijk = self._worldToIjk(volumeNode, world)
         shape = np.array(volumeNode.GetImageData().GetDimensions())
-        for n, point in enumerate(ijk):
+        for n, point in zip(defined, ijk, strict=True):
             if np.any(point < -0.5) or np.any(point > shape - 0.5):
                 raise InputError(f"point {pointListNode.GetNthControlPointLabel(n)!r} of {pointListNode.GetName()} "
                                  f"is outside {volumeNode.GetName()}; move it onto the image.")  # fmt: skip
@@ -120,22 +122,23 @@ class SceneLogic:
 
     # ------------------------------------------------------------------ the backend
 
-    def _backend(self):  # noqa: ANN202
+    def requireBackend(self):  # noqa: ANN201
+        """The backend, or an :class:`InputError` saying how to get one."""
         if self.backend is None:
             raise InputError("no backend: load a model (Local) or connect to a server (Remote) in Setup.")
         return self.backend
 
     def encode(self, volumeNode):  # noqa: ANN001, ANN201
         """The backend's handle of the node's volume (encoded once per content: the backend caches it)."""
-        return self._backend().encode(self.volumeFromNode(volumeNode), self.intensity)
+        return self.requireBackend().encode(self.volumeFromNode(volumeNode), self.intensity)
 
     def report(self, volumeNode, onToken=None):  # noqa: ANN001, ANN201
         """A radiology report of the volume; ``onToken`` receives the text as it is generated."""
-        return self._backend().report(self.encode(volumeNode), on_token=onToken)
+        return self.requireBackend().report(self.encode(volumeNode), on_token=onToken)
 
     def ask(self, volumeNode, question: str, history=(), kind: str = "short"):  # noqa: ANN001, ANN201
         """Answer ``question`` about the volume, with the chat's earlier ``(question, answer)`` turns."""
-        return self._backend().ask(self.encode(volumeNode), question, history=history, kind=kind)
+        return self.requireBackend().ask(self.encode(volumeNode), question, history=history, kind=kind)
 
     def segmentRequest(self, volumeNode, text: str | None = None, positiveNode=None, negativeNode=None,  # noqa: ANN001
                        roiNode=None, answer: str | None = None) -> dict:  # fmt: skip
@@ -158,7 +161,7 @@ class SceneLogic:
         Raises:
             InputError: the model answered without a mask.
         """
-        backend = self._backend()
+        backend = self.requireBackend()
         result = backend.segment(backend.encode(volume, self.intensity), **prompts)
         if not result.objects:
             raise InputError(f"the model answered {result.answer!r} without a mask; nothing was written.")

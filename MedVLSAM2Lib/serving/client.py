@@ -116,10 +116,15 @@ class ServerClient:
         return response
 
     def _check(self, response: requests.Response) -> None:
+        if PROTOCOL_HEADER not in response.headers or not response.ok:
+            try:
+                self._raise_for(response)
+            finally:
+                response.close()
+
+    def _raise_for(self, response: requests.Response) -> None:
         if PROTOCOL_HEADER not in response.headers:
-            proxies = [
-                name for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy") if os.environ.get(name)
-            ]
+            proxies = [name for name in PROXY_VARIABLES if os.environ.get(name)]
             hint = (f" A proxy ({', '.join(proxies)} is set) may be answering instead: add the server's host to "
                     "NO_PROXY.") if proxies else " Check the URL and port."  # fmt: skip
             raise ServerError(f"{self.url} answered HTTP {response.status_code} "
@@ -188,7 +193,11 @@ class ServerClient:
         return self._with_session(handle, lambda key: self._stream_report(key, body, on_token))
 
     def _post_json(self, path: str, body: dict) -> dict:
-        return self._send("POST", path, idempotent=False, json=body).json()
+        response = self._send("POST", path, idempotent=False, json=body)
+        try:
+            return response.json()
+        except ValueError as err:
+            raise ServerError(f"{self.url} answered {path} with something that is not JSON.") from err
 
     def _stream_report(self, key: str, body: dict, on_token: Callable[[str], None]) -> Report:
         response = self._send("POST", f"/sessions/{key}/report", idempotent=False, json=body, stream=True)
@@ -196,7 +205,10 @@ class ServerClient:
             for line in response.iter_lines():
                 if not line:
                     continue
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                except ValueError as err:
+                    raise ServerError(f"{self.url} sent a broken line in the report stream.") from err
                 if "token" in message:
                     on_token(message["token"])
                 elif "report" in message:

@@ -54,10 +54,12 @@ INTENSITIES = ("hu", "normalized")
 
 @dataclass(frozen=True)
 class Limits:
-    """What :func:`unpack` accepts: at most ``max_arrays`` arrays of at most ``max_voxels`` elements each."""
+    """What :func:`unpack` accepts: at most ``max_arrays`` arrays of at most ``max_voxels`` elements each and
+    ``max_bytes`` decompressed bytes in all (checked before anything is decompressed)."""
 
     max_voxels: int = 1024 * 1024 * 1024
     max_arrays: int = 64
+    max_bytes: int = 8 * 1024**3  # all arrays of a frame together, decompressed
 
 
 def _blob(array: np.ndarray, codec: str) -> bytes:
@@ -157,6 +159,9 @@ def unpack(data: bytes, limits: Limits = Limits()) -> tuple[dict[str, Any], list
     if not isinstance(entries, list) or len(entries) > limits.max_arrays:
         raise ProtocolError(f"'arrays' must be a list of at most {limits.max_arrays} entries.")
     specs = [_array_spec(entry, f"array {n}", limits) for n, entry in enumerate(entries)]
+    total = sum(math.prod(shape) * dtype.itemsize for dtype, shape, _, _ in specs)
+    if total > limits.max_bytes:
+        raise ProtocolError(f"the arrays declare {total} bytes in all; at most {limits.max_bytes} are accepted.")
     body = memoryview(data)[8 + size :]
     declared = sum(spec[3] for spec in specs)
     if len(body) != declared:

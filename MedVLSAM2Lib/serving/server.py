@@ -87,6 +87,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class ClientGone(Exception):
+    """The client closed a streamed report; raised inside generation to stop it."""
+
+
 class ApiError(Exception):
     """An error answered with ``status`` and ``{"error": {"code", "message"}}``."""
 
@@ -100,7 +104,9 @@ def _status(err: MedVLSAM2Error) -> tuple[int, str]:
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    # the protocol header is set here too: Starlette answers unexpected errors outside the middleware
+    headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 class _Strict(BaseModel):
@@ -148,7 +154,8 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
     store = SessionStore(settings.max_sessions, settings.idle_timeout_s)
     model_lock = threading.Lock()
     upload_limit = int(settings.max_upload_mb * 2**20)
-    limits = Limits(max_voxels=settings.max_voxels)
+    limits = Limits(max_voxels=settings.max_voxels, max_arrays=1, max_bytes=4 * settings.max_voxels)
+    decode_slots = threading.BoundedSemaphore(2)  # uploads decoded at once (each may take GiBs)
 
     @app.middleware("http")
     async def protocol_header(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -194,10 +201,16 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
     def healthz() -> dict:
         return {"status": "ok", "protocol": PROTOCOL_VERSION}
 
+    described = {"model": engine.describe()}
+
     @app.get("/capabilities", dependencies=guarded)
     def capabilities() -> dict:
-        with model_lock:
-            model = engine.describe()
+        if model_lock.acquire(timeout=0.2):  # never wait behind a running job: report the last known state
+            try:
+                described["model"] = engine.describe()
+            finally:
+                model_lock.release()
+        model = described["model"]
         return {"protocol": PROTOCOL_VERSION, "version": _version(), "model": model,
                 "tasks": ["report", "ask", "segment"], "answer_kinds": ["short", "long", "choice"],
                 "intensities": ["hu", "normalized"], "sessions": len(store),
@@ -205,7 +218,8 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
                            "idle_timeout_s": settings.idle_timeout_s, "max_voxels": settings.max_voxels}}  # fmt: skip
 
     def open_session(data: bytes) -> dict:
-        volume, intensity = volume_from_frame(data, limits)
+        with decode_slots:
+            volume, intensity = volume_from_frame(data, limits)
         with model_lock:
             handle = engine.encode(volume, intensity)
         new = store.put(handle.key, handle)
@@ -231,13 +245,20 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
 
     def stream_report(handle: Any, max_new_tokens: int) -> Iterator[bytes]:
         lines: queue.Queue = queue.Queue()
+        gone = threading.Event()
+
+        def on_token(text: str) -> None:
+            if gone.is_set():
+                raise ClientGone()
+            lines.put({"token": text})
 
         def work() -> None:
             try:
                 with model_lock:
-                    report = engine.report(handle, on_token=lambda t: lines.put({"token": t}),
-                                           max_new_tokens=max_new_tokens)  # fmt: skip
+                    report = engine.report(handle, on_token=on_token, max_new_tokens=max_new_tokens)
                 lines.put({"report": asdict(report)})
+            except ClientGone:
+                logger.info("report stream closed by the client; generation stopped")
             except MedVLSAM2Error as err:
                 lines.put({"error": {"code": _status(err)[1], "message": str(err)}})
             except Exception:  # the stream has started: report the failure in it, details to the log
@@ -245,11 +266,14 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
                 lines.put({"error": {"code": "internal_error", "message": "the server failed; see its log."}})
 
         threading.Thread(target=work, daemon=True, name="report-stream").start()
-        while True:
-            line = lines.get()
-            yield (json.dumps(line) + "\n").encode()
-            if "token" not in line:
-                return
+        try:
+            while True:
+                line = lines.get()
+                yield (json.dumps(line) + "\n").encode()
+                if "token" not in line:
+                    return
+        finally:  # also when the client disconnects: the generator is closed, generation stops at the next token
+            gone.set()
 
     @app.post("/sessions/{session_id}/report", dependencies=guarded)
     def report(session_id: str, body: ReportRequest) -> Any:
