@@ -123,33 +123,48 @@ def _parameter_report(name: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DEFAULT_STEPS, run_demo
+    from .demo import DEFAULT_STEPS, DICE_NEEDED, run_demo
+    from .machine import describe_cpu
+    from .progress import StepProgress
 
-    bar = None
+    progress: StepProgress | None = None
 
-    def progress(step: int, total: int, metrics: dict) -> None:
-        nonlocal bar
-        bar = bar or _bar(total, "fine-tune tiny preset", "step")
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+    def on_step(step: int, total: int, metrics: dict) -> None:
+        nonlocal progress
+        progress = progress or StepProgress(total, "fine-tune")
+        progress.update(step, loss=metrics["loss"])
 
-    result = run_demo(args.output, volume_path=args.volume, segmentation_path=args.segmentation, weights=args.weights,
-                      steps=args.steps or DEFAULT_STEPS, seed=args.seed, device=args.device,
-                      on_step=progress)  # fmt: skip
-    if bar:
-        bar.close()
+    def on_phase(message: str) -> None:
+        if progress is not None:
+            progress.write(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        result = run_demo(args.output, volume_path=args.volume, segmentation_path=args.segmentation,
+                          weights=args.weights, steps=args.steps or DEFAULT_STEPS, seed=args.seed, device=args.device,
+                          on_step=on_step, on_phase=on_phase)  # fmt: skip
+    finally:
+        if progress is not None:
+            progress.close()
     volume = result.volume
     print(f"volume      {volume.metadata.get('source_path')}")
     print(f"            {volume.array.shape[2]}x{volume.array.shape[1]}x{volume.array.shape[0]} voxels (I x J x K), "
           f"spacing {[round(float(s), 3) for s in volume.spacing]} mm")  # fmt: skip
     trained = f" (fine-tuned in {result.training_seconds:.0f} s)" if not args.weights else ""
     print(f"model       {result.model}{trained}")
+    print(f"machine     {describe_cpu()}")
     print(f"report      {result.report}")
     for turn in result.chat:
         print(f"ask         {turn['question']}\n            -> {turn['answer']}")
-    print(f"{'task':<12}{'target':<12}{'Dice':>7}{'grid':>7}  answer")
+    needed = DICE_NEEDED if not args.weights else {}
+    print(f"{'task':<12}{'target':<12}{'Dice':>7}{'needs':>7}{'grid':>7}  answer")
     for task in result.tasks:
-        print(f"{task.task:<12}{task.target:<12}{task.dice:>7.3f}{result.grid_dice[task.target]:>7.3f}  {task.answer}")
+        need = f"{needed[task.task]:.2f}" if task.task in needed else "-"
+        print(
+            f"{task.task:<12}{task.target:<12}{task.dice:>7.3f}{need:>7}{result.grid_dice[task.target]:>7.3f}  "
+            f"{task.answer}"
+        )
     print("wrote       " + "\n            ".join(str(p) for p in result.files))
     return 0
 
@@ -425,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--volume", help="another CT volume instead of the packaged one")
     demo.add_argument("--segmentation", help="a .seg.nrrd on the volume's grid (needed with --volume)")
     demo.add_argument("--weights", help="run this trained checkpoint instead of fine-tuning the tiny preset")
-    demo.add_argument("--steps", type=int, help="fine-tuning steps (default: 600)")
+    demo.add_argument("--steps", type=int, help="fine-tuning steps (default: 700)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     demo.add_argument("--seed", type=int, default=0, help="random seed for training and prompt synthesis")
     demo.set_defaults(run=_demo)

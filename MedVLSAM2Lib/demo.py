@@ -33,13 +33,16 @@ from .templates import TermDictionary
 from .terminology import lookup
 from .volume import Volume, orientation_transform, read_volume, reorient_points, write_volume
 
-__all__ = ["TaskResult", "DemoResult", "run_demo", "default_inputs", "DEFAULT_STEPS"]
+__all__ = ["TaskResult", "DemoResult", "run_demo", "default_inputs", "DEFAULT_STEPS", "DICE_NEEDED"]
 
 logger = logging.getLogger(__name__)
 
 MARKER = ".medvlsam2-demo"  # marks a folder the demo may replace on the next run
 TARGETS = ("right lung", "left lung")
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 700
+# The Dice each task must reach on both lungs after the default fine-tune (the demo prints it, the test asserts it).
+# Points alone (no text) have no threshold yet: the demo's minutes do not teach SAM2's prompt path (README).
+DICE_NEEDED = {"semantic": 0.85, "referring": 0.85, "box": 0.85}
 DISPLAY_WINDOW_HU = (-1000.0, 400.0)
 
 
@@ -173,8 +176,11 @@ def run_demo(
     seed: int = 0,
     device: str = "cpu",
     on_step: Callable[[int, int, dict], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the demo on the packaged chest CT (or given files) and write the output folder atomically.
+
+    ``on_step(step, total, metrics)`` follows the fine-tuning; ``on_phase(message)`` hears of each phase.
 
     Raises:
         InputError: unreadable inputs, grids that differ, lungs missing from the segmentation, or an
@@ -183,6 +189,7 @@ def run_demo(
     """
     import time
 
+    say = on_phase or (lambda message: None)
     from .demo_training import DemoCorpus, demo_terms_path, fine_tune, lung_question, write_corpus
     from .engine import InferenceEngine
 
@@ -192,8 +199,9 @@ def run_demo(
     try:
         start = time.perf_counter()
         if weights is None:
+            say("preparing the training corpus from the CT and its segmentation")
             corpus: DemoCorpus = write_corpus(volume, segmentation, tmp / "training")
-            checkpoint = fine_tune(corpus, tmp / "training" / "run", steps, seed, on_step)
+            checkpoint = fine_tune(corpus, tmp / "training" / "run", steps, seed, on_step, on_phase)
             shutil.copytree(checkpoint, tmp / "model")
             shutil.copy(tmp / "training" / "run" / "metrics.csv", tmp / "training_curves.csv")  # all phases
             shutil.rmtree(tmp / "training")
@@ -201,6 +209,7 @@ def run_demo(
         else:
             model_source = Path(weights)
         training_seconds = time.perf_counter() - start
+        say(f"running every task with {model_source}: a report, a question, each lung segmented four ways")
         engine = InferenceEngine.load(model_source, device=device)
         handle = engine.encode(volume)
         report = engine.report(handle)

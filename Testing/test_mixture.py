@@ -137,3 +137,26 @@ def test_bad_mixture_settings_are_named(seg_cache, tokenizer):
         _mixture(seg_cache, tokenizer, {"segment": 1})
     with pytest.raises(InputError, match="needs the term dictionary"):
         _mixture(seg_cache, tokenizer, {"referring": 1})
+
+
+def test_slice_window_cuts_sam2_input_and_masks_to_consecutive_slices_that_show_a_structure(seg_cache, tokenizer):
+    cached = seg_cache.load("subjectA_sm")
+    full = _mixture(seg_cache, tokenizer, {"semantic": 1, "interactive": 1}, objects_per_sample=2)
+    window = _mixture(seg_cache, tokenizer, {"semantic": 1, "interactive": 1}, objects_per_sample=2, slice_window=5)
+    starts = set()
+    for index in range(12):
+        sample, whole = window[index], full[index]
+        assert sample.image.shape == whole.image.shape == (1, 16, 64, 64)  # the ViT keeps the whole volume
+        assert sample.sam_image.shape == (5, 64, 64)
+        # the window is a run of the cached slices: find where it starts
+        start = next(z for z in range(12) if np.array_equal(sample.sam_image.numpy(), cached.sam_image[z : z + 5]))
+        starts.add(start)
+        for target in sample.targets:
+            assert target.mask.shape == (5, 64, 64) and target.mask.sum() > 0
+            for point in target.points:
+                assert 0 <= point.ijk[2] < 5 and target.mask[int(point.ijk[2]), int(point.ijk[1]), int(point.ijk[0])]
+            for box in target.boxes:
+                assert 0 <= box.min_ijk[2] == box.max_ijk[2] < 5
+    assert len(starts) > 2  # drawn at random depths
+    with pytest.raises(InputError, match="slice_window must be >= 0"):
+        _mixture(seg_cache, tokenizer, {"semantic": 1}, slice_window=-1)

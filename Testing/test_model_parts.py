@@ -137,3 +137,28 @@ def test_seg_token_projector_gives_prompts_on_the_scale_of_sam2_prompt_embedding
     prompt = SegTokenProjector(128, sam_prompt.shape[1])(hidden)
     rms = prompt.pow(2).mean().sqrt().item()
     assert 0.5 < rms < 3.0, rms  # PyTorch's default Linear init gives ~0.25, which SAM2's decoder ignores at first
+
+
+def test_random_sam2_features_say_where_they_are():
+    """A uniform slice gives spatially varying features once Hiera's position embedding is not zero (as ``sam2``
+    leaves it); a fixed draw, so two builds with the same seed agree."""
+    torch.manual_seed(0)
+    segmenter = VolumeSegmenter(preset("tiny").segmenter).eval()
+    trunk = segmenter.sam.image_encoder.trunk
+    assert 0.8 < float(trunk.pos_embed.std()) < 1.2
+    torch.manual_seed(0)
+    again = VolumeSegmenter(preset("tiny").segmenter)
+    pairs = zip(segmenter.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    uniform = prepare_slices(torch.full((1, 64, 64), 0.5), 128)
+
+    def spatial_spread() -> float:
+        with torch.no_grad():
+            top = segmenter.encode(uniform)["feats"][-1]  # (HW, 1, C) of the lowest resolution
+            inner = top.reshape(8, 8, -1)[2:6, 2:6]  # away from the zero-padded border
+        return float(inner.std(dim=(0, 1)).mean() / inner.abs().mean())
+
+    positional = spatial_spread()
+    with torch.no_grad():
+        trunk.pos_embed.zero_()
+    assert positional > 5 * spatial_spread()

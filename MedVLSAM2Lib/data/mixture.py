@@ -60,6 +60,7 @@ class TaskMixture(torch.utils.data.Dataset):
         augmentation: bool = False,
         objects_per_sample: int = 1,
         phrasings: int = 0,
+        slice_window: int = 0,
     ) -> None:
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -79,6 +80,9 @@ class TaskMixture(torch.utils.data.Dataset):
         if phrasings < 0:
             raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
         self.phrasings = phrasings
+        if slice_window < 0:
+            raise InputError(f"slice_window must be >= 0 (0 = every slice), got {slice_window}.")
+        self.slice_window = slice_window
         self.reports = {k: v for k, v in (reports or {}).items() if text_cache and k in text_cache.entries}
         self.vqa = {k: v for k, v in (vqa or {}).items() if text_cache and k in text_cache.entries}
         self.seg_volumes = [n for n, e in (seg_cache.entries.items() if seg_cache else []) if e["present"]]
@@ -134,6 +138,7 @@ class TaskMixture(torch.utils.data.Dataset):
         name = self.seg_volumes[int(rng.integers(len(self.seg_volumes)))]
         cached = self.seg_cache.load(name)
         cached.image, cached.sam_image, cached.masks = self._augment(cached.image, cached.sam_image, cached.masks, rng)
+        cached.sam_image, cached.masks = self._slice_window(cached.sam_image, cached.masks, rng)
         # structures still visible on the model grid (a tiny one can vanish when the volume is shrunk)
         present = [c for c in self.seg_cache.entries[name]["present"] if cached.masks[cached.categories.index(c)].any()]
         if task == "referring":
@@ -156,6 +161,18 @@ class TaskMixture(torch.utils.data.Dataset):
         ids, labels = self._encode(turns)
         image = torch.from_numpy(np.ascontiguousarray(cached.image))[None]
         return Sample(image, torch.from_numpy(np.ascontiguousarray(cached.sam_image)), ids, labels, targets)
+
+    def _slice_window(self, sam_image: np.ndarray, masks: np.ndarray,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """SAM2's input and the masks cut to ``slice_window`` consecutive slices at a random depth where some
+        structure shows (SAM2 trains on 8-frame clips the same way); the ViT keeps the whole volume."""
+        depth = sam_image.shape[0]
+        if not self.slice_window or self.slice_window >= depth:
+            return sam_image, masks
+        starts = [z for z in range(depth - self.slice_window + 1) if masks[:, z : z + self.slice_window].any()]
+        start = int(rng.choice(starts)) if starts else 0
+        window = slice(start, start + self.slice_window)
+        return sam_image[window], masks[:, window]
 
     @staticmethod
     def _prompts(mask: np.ndarray, rng: np.random.Generator) -> tuple[tuple[PointPrompt, ...], tuple[BoxPrompt, ...]]:

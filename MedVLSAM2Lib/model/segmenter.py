@@ -50,6 +50,7 @@ def build_sam2(config: SegmenterConfig) -> nn.Module:
             window_spec=config.window_spec,
             window_pos_embed_bkg_spatial_size=config.window_pos_embed_bkg,
         )
+        _init_position_embedding(trunk)
     trunk = trunk.to(target_device)
     neck = FpnNeck(
         position_encoding=PositionEmbeddingSine(num_pos_feats=d, normalize=True, temperature=10000),
@@ -116,6 +117,21 @@ def build_sam2(config: SegmenterConfig) -> nn.Module:
     with torch.no_grad():
         sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(2.0)
     return sam
+
+
+def _init_position_embedding(trunk: nn.Module) -> None:
+    """A fixed unit-scale random draw for Hiera's absolute position embedding, which ``sam2`` starts at zero.
+
+    With zeros, a randomly initialised trunk gives translation-equivariant features: mirror-image structures
+    (the two lungs, the two kidneys) look alike to the mask decoder, which can then tell them apart only through
+    its attention's positional encodings. Toy models learned that after a plateau of a few hundred steps whose
+    length depended on the CPU's rounding (one CPU's kernels never left it). At the patch embedding's scale (~1 on
+    CT slices) the features say where they are. Released SAM2.1 weights carry a learned embedding that replaces
+    this one; a generator of its own keeps every other random weight as it was.
+    """
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        trunk.pos_embed.copy_(torch.randn(trunk.pos_embed.shape, generator=generator))
 
 
 @cache

@@ -42,6 +42,8 @@ class TrainConfig:
         objects_per_sample: structures asked about per semantic/referring sample, one turn each (LISA's 3).
         phrasings: segmentation questions/answers drawn from the first N templates only (0: all, the paper).
             Random toy LLMs cannot learn paraphrase-invariant ``[SEG]`` states in minutes; pretrained ones bring it.
+        slice_window: SAM2 runs on this many consecutive model-grid slices of each segmentation sample, at a
+            random depth (0: all slices). Cuts the cost of a step in proportion; the ViT still sees the whole volume.
         train_sam_memory: stage 3 also trains SAM2's memory path.
         extra_parts: more trainable parts on top of the stage plan (e.g. ``sam_image_encoder`` for toy models).
         seed: one seed for model init, sampling and dropout.
@@ -75,6 +77,7 @@ class TrainConfig:
     augmentation: bool = True
     objects_per_sample: int = 3
     phrasings: int = 0
+    slice_window: int = 0
     train_sam_memory: bool = False
     extra_parts: list[str] = field(default_factory=list)
     seed: int = 0
@@ -112,6 +115,8 @@ class TrainConfig:
                 raise InputError(f"train config: {name} must be >= 1, got {getattr(self, name)}.")
         if self.phrasings < 0:
             raise InputError(f"train config: phrasings must be >= 0 (0 = every template), got {self.phrasings}.")
+        if self.slice_window < 0:
+            raise InputError(f"train config: slice_window must be >= 0 (0 = every slice), got {self.slice_window}.")
 
     def check_paths(self) -> None:
         """Raise :class:`InputError` naming the first configured path that does not exist."""

@@ -93,6 +93,7 @@ def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
         text_cache=_open_cache(config.text_cache), reports=reports, vqa=vqa, seg_cache=_open_cache(config.seg_cache),
         terms=TermDictionary.load(config.term_dictionary) if config.term_dictionary else None,
         augmentation=config.augmentation, objects_per_sample=config.objects_per_sample, phrasings=config.phrasings,
+        slice_window=config.slice_window,
     )  # fmt: skip
 
 
