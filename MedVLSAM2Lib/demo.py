@@ -209,7 +209,10 @@ def run_demo(
         else:
             model_source = Path(weights)
         training_seconds = time.perf_counter() - start
-        say(f"running every task with {model_source}: a report, a question, each lung segmented four ways")
+        say(
+            f"running every task with {weights or 'the fine-tuned model'}: a report, a question, each lung segmented "
+            "four ways"
+        )
         engine = InferenceEngine.load(model_source, device=device)
         handle = engine.encode(volume)
         report = engine.report(handle)
