@@ -44,11 +44,11 @@ FAST = 1e-3
 # The recipe, in three phases taking these shares of the steps (measured on 2 CPU cores):
 # 1. text (stage 2, fast): the report and the choice answer; cheap steps (no SAM2 pass).
 # 2. lungs by name (stage 3): the decoder first learns "a lung" for either name (Dice ~0.6 for each, both lungs
-#    in every mask) and stays there until the [SEG] states of "right lung" and "left lung" have moved apart;
-#    that plateau lasted 150-250 steps in every run measured. The LLM's LoRA is fast here: with a slow LLM the
-#    states stayed ~10 % apart and the escape was left to rounding (one CPU's kernels escaped, another's never
-#    did). The report is rehearsed so that it is not forgotten, and the rate is constant so that a late escape
-#    is not starved by the decay.
+#    in every mask) and stays there until it tells the two sides apart: 150-200 steps on every CPU kernel
+#    measured now that the random SAM2 trunk has a position embedding (``model/segmenter.py``; without it one
+#    kernel set never left the plateau). The LLM's LoRA is fast here: with a slow LLM the [SEG] states of
+#    "right lung" and "left lung" stayed ~10 % apart. The report is rehearsed so that it is not forgotten, and
+#    the rate is constant so that a late escape is not starved by the decay.
 # 3. every task (cosine decay): referring and interactive samples join.
 # SAM2 sees 8 consecutive slices of the 16 per sample (``slice_window``), which halves a step's cost. SAM2's
 # slice encoder and memory path stay as initialised (they train in the paper's recipe; see the README).
