@@ -35,7 +35,7 @@ class StepProgress:
     def __init__(self, total: int, desc: str, stream: TextIO | None = None, lines: int = 10,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.total, self.desc, self.stream, self.clock = total, desc, stream or sys.stderr, clock
-        self.start, self.step, self.bar = clock(), 0, None
+        self.start, self.bar = clock(), None
         self.marks = {round(total * k / lines) for k in range(1, lines + 1)} - {0}
         if self.stream.isatty():
             from tqdm import tqdm
@@ -44,7 +44,6 @@ class StepProgress:
 
     def update(self, step: int, **metrics: float) -> None:
         """Report that ``step`` steps of ``total`` are done; ``metrics`` (e.g. ``loss``) are shown with it."""
-        self.step = step
         shown = {name: f"{value:.3f}" for name, value in metrics.items()}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
