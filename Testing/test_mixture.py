@@ -160,3 +160,25 @@ def test_slice_window_cuts_sam2_input_and_masks_to_consecutive_slices_that_show_
     assert len(starts) > 2  # drawn at random depths
     with pytest.raises(InputError, match="slice_window must be >= 0"):
         _mixture(seg_cache, tokenizer, {"semantic": 1}, slice_window=-1)
+
+
+def test_prompt_only_and_point_shares_set_how_interactive_samples_are_asked(seg_cache, tokenizer):
+    names = set(_names_by_voxel_count(seg_cache).values())
+
+    def kinds(**shares):
+        mixture = _mixture(seg_cache, tokenizer, {"interactive": 1}, **shares)
+        seen = []
+        for index in range(40):
+            sample = mixture[index]
+            ((question, _),) = _turns(tokenizer, sample.input_ids)
+            named = any(name in question for name in names)
+            seen.append(("named" if named else "prompts only", "points" if sample.targets[0].points else "box"))
+        return seen
+
+    assert set(kinds(prompt_only_share=1.0, point_share=1.0)) == {("prompts only", "points")}
+    assert set(kinds(prompt_only_share=0.0, point_share=0.0)) == {("named", "box")}
+    mixed = kinds()  # the defaults: half and half
+    assert 10 <= sum(k == "prompts only" for k, _ in mixed) <= 30 and 10 <= sum(p == "points" for _, p in mixed) <= 30
+    for bad in ({"prompt_only_share": 1.5}, {"point_share": -0.1}):
+        with pytest.raises(InputError, match=f"{next(iter(bad))} must be in \\[0, 1\\]"):
+            _mixture(seg_cache, tokenizer, {"interactive": 1}, **bad)

@@ -9,7 +9,9 @@ from test_model import _mixed_batch
 from MedVLSAM2Lib.config import preset
 from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
+from MedVLSAM2Lib.training.config import TrainConfig
 from MedVLSAM2Lib.training.stages import stage_plan, trainable_report
+from MedVLSAM2Lib.training.trainer import _build_model
 
 EXPECTED = {
     1: {"projector"},
@@ -68,3 +70,14 @@ def test_shipped_stage_configs_hold_the_papers_settings(stage, epochs, batch, ac
     if stage < 3:
         assert config.batch_size * 8 * config.grad_accum == 128  # global batch 128 on 8 GPUs
     assert set(config.task_weights) == set(stage_plan(stage).tasks)
+
+
+def test_frozen_parts_keep_parts_of_the_stage_plan_frozen():
+    language_side = ["vision", "projector", "lora", "seg_projector"]
+    model = _build_model(TrainConfig(stage=3, preset="tiny", train_sam_memory=True, frozen_parts=language_side))
+    trained = {name for name, trainable, _ in trainable_report(model) if trainable}
+    assert trained == {"sam_decoder", "sam_memory"}
+    with pytest.raises(InputError, match=r"frozen_parts \['projector'\] leave stage 1 nothing to train"):
+        _build_model(TrainConfig(stage=1, preset="tiny", frozen_parts=["projector"]))
+    with pytest.raises(InputError, match=r"unknown part\(s\) \['decoder'\]"):
+        TrainConfig(stage=3, preset="tiny", frozen_parts=["decoder"])

@@ -73,6 +73,9 @@ def test_bad_configs_stop_before_any_work(workspace, tmp_path):
     path.write_text((workspace / "stage3.yaml").read_text().replace('"seed"', '"phrasings": -2, "seed"'))
     with pytest.raises(InputError, match="phrasings must be >= 0"):
         load_train_config(path)
+    path.write_text((workspace / "stage3.yaml").read_text().replace('"seed"', '"point_share": 2, "seed"'))
+    with pytest.raises(InputError, match=r"point_share must be in \[0, 1\], got 2"):
+        load_train_config(path)
 
 
 def test_resume_after_sigkill_continues_on_the_same_loss_curve(workspace, tmp_path):

@@ -3,11 +3,12 @@
 Sample ``i`` of an epoch is a pure function of ``(seed, epoch, i)``: the same index always gives the same
 task, volume, template and prompts, which is what makes resumed runs continue on the same loss curve.
 Tasks: ``report`` (CT-RATE report generation), ``vqa`` (one CT-CHAT turn), ``semantic`` (class name),
-``referring`` (a term-dictionary description instead of the name), ``interactive`` (synthesised points or a box on the
-model grid, with the class name or, half of the time, without it). Semantic and referring samples ask about up to
-``objects_per_sample`` structures of one volume in consecutive turns, one ``[SEG]`` each (LISA's and
-Sa2VA's ``num_classes_per_sample``): every step then contrasts structures of the same image, and the
-volume's SAM2 image features are computed once for all of them.
+``referring`` (a term-dictionary description instead of the name), ``interactive`` (synthesised points, with odds
+``point_share``, or a box on the model grid; with the class name or, with odds ``prompt_only_share``, without it).
+Semantic and referring samples ask about up to ``objects_per_sample`` structures of one volume in consecutive turns,
+one ``[SEG]`` each (LISA's and Sa2VA's ``num_classes_per_sample``); interactive samples about up to
+``interactive_objects``, each with prompts of its own. Every step then contrasts structures of the same image (for
+prompts alone, only the prompts tell them apart), and the volume's SAM2 image features are computed once for all.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class TaskMixture(torch.utils.data.Dataset):
         objects_per_sample: int = 1,
         phrasings: int = 0,
         slice_window: int = 0,
+        prompt_only_share: float = 0.5,
+        point_share: float = 0.5,
+        interactive_objects: int = 1,
     ) -> None:
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -74,15 +78,20 @@ class TaskMixture(torch.utils.data.Dataset):
         self.samples_per_epoch, self.seed, self.epoch = samples_per_epoch, seed, 0
         self.text_cache, self.seg_cache, self.terms = text_cache, seg_cache, terms
         self.augmentation = augmentation
-        if objects_per_sample < 1:
-            raise InputError(f"objects_per_sample must be >= 1, got {objects_per_sample}.")
-        self.objects_per_sample = objects_per_sample
+        for name, count in (("objects_per_sample", objects_per_sample), ("interactive_objects", interactive_objects)):
+            if count < 1:
+                raise InputError(f"{name} must be >= 1, got {count}.")
+        self.objects_per_sample, self.interactive_objects = objects_per_sample, interactive_objects
         if phrasings < 0:
             raise InputError(f"phrasings must be >= 0 (0 = every template), got {phrasings}.")
         self.phrasings = phrasings
         if slice_window < 0:
             raise InputError(f"slice_window must be >= 0 (0 = every slice), got {slice_window}.")
         self.slice_window = slice_window
+        for name, share in (("prompt_only_share", prompt_only_share), ("point_share", point_share)):
+            if not 0.0 <= share <= 1.0:
+                raise InputError(f"{name} must be in [0, 1], got {share}.")
+        self.prompt_only_share, self.point_share = prompt_only_share, point_share
         self.reports = {k: v for k, v in (reports or {}).items() if text_cache and k in text_cache.entries}
         self.vqa = {k: v for k, v in (vqa or {}).items() if text_cache and k in text_cache.entries}
         self.seg_volumes = [n for n, e in (seg_cache.entries.items() if seg_cache else []) if e["present"]]
@@ -145,18 +154,18 @@ class TaskMixture(torch.utils.data.Dataset):
             present = [c for c in present if c.replace("_", " ") in self.terms] or present
         if not present:
             raise InputError(f"{name}: no labelled structure is left on the model grid; drop it from the cache.")
-        count = 1 if task == "interactive" else min(self.objects_per_sample, len(present))
+        count = min(self.interactive_objects if task == "interactive" else self.objects_per_sample, len(present))
         turns, targets = [], []
         for index in rng.choice(len(present), size=count, replace=False):
             category = present[int(index)]
             mask = cached.masks[cached.categories.index(category)]
             spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
             terms = self.terms if task == "referring" and spoken in self.terms else None
-            if task == "interactive" and rng.random() < 0.5:  # half of them without the class name: prompts only
+            if task == "interactive" and rng.random() < self.prompt_only_share:  # without the class name
                 turns.append(prompt_only_prompt(rng, phrasings=self.phrasings))
             else:
                 turns.append(segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings))
-            prompts = self._prompts(mask, rng) if task == "interactive" else ((), ())
+            prompts = self._prompts(mask, rng, self.point_share) if task == "interactive" else ((), ())
             targets.append(SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)), *prompts))
         ids, labels = self._encode(turns)
         image = torch.from_numpy(np.ascontiguousarray(cached.image))[None]
@@ -175,9 +184,10 @@ class TaskMixture(torch.utils.data.Dataset):
         return sam_image[window], masks[:, window]
 
     @staticmethod
-    def _prompts(mask: np.ndarray, rng: np.random.Generator) -> tuple[tuple[PointPrompt, ...], tuple[BoxPrompt, ...]]:
-        """Points or a box (equal odds) on the model grid, as the paper's evaluation synthesises them."""
-        if rng.random() < 0.5:
+    def _prompts(mask: np.ndarray, rng: np.random.Generator,
+                 point_share: float) -> tuple[tuple[PointPrompt, ...], tuple[BoxPrompt, ...]]:  # fmt: skip
+        """Points (with odds ``point_share``) or a box on the model grid, as the paper's evaluation synthesises them."""
+        if rng.random() < point_share:
             return tuple(synthesize_points(mask, rng)), ()
         return (), (synthesize_box(mask, rng),)
 

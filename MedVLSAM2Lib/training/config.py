@@ -40,12 +40,16 @@ class TrainConfig:
         gradient_checkpointing: recompute ViT blocks in backward.
         augmentation: M3D's random rotation/flips/intensity changes (see ``data/augment.py``).
         objects_per_sample: structures asked about per semantic/referring sample, one turn each (LISA's 3).
+        interactive_objects: structures per interactive sample, each with prompts of its own (one turn each).
         phrasings: segmentation questions/answers drawn from the first N templates only (0: all, the paper).
             Random toy LLMs cannot learn paraphrase-invariant ``[SEG]`` states in minutes; pretrained ones bring it.
         slice_window: SAM2 runs on this many consecutive model-grid slices of each segmentation sample, at a
             random depth (0: all slices). Cuts the cost of a step in proportion; the ViT still sees the whole volume.
+        prompt_only_share: share of interactive samples asked without the structure's name (points or box only).
+        point_share: share of interactive samples prompted with points (the rest with a box).
         train_sam_memory: stage 3 also trains SAM2's memory path.
         extra_parts: more trainable parts on top of the stage plan (e.g. ``sam_image_encoder`` for toy models).
+        frozen_parts: parts of the stage plan kept frozen (e.g. the language side while SAM2's prompt path learns).
         seed: one seed for model init, sampling and dropout.
         save_every, log_every, keep_checkpoints: checkpoint/log cadence (optimiser steps), checkpoints kept.
     """
@@ -76,10 +80,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     augmentation: bool = True
     objects_per_sample: int = 3
+    interactive_objects: int = 1
     phrasings: int = 0
     slice_window: int = 0
+    prompt_only_share: float = 0.5
+    point_share: float = 0.5
     train_sam_memory: bool = False
     extra_parts: list[str] = field(default_factory=list)
+    frozen_parts: list[str] = field(default_factory=list)
     seed: int = 0
     save_every: int = 100
     log_every: int = 1
@@ -94,7 +102,7 @@ class TrainConfig:
             raise InputError(f"train config: schedule must be cosine or constant, got {self.schedule!r}.")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise InputError(f"train config: mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}.")
-        unknown_parts = set(self.lr_per_part) | set(self.extra_parts)
+        unknown_parts = set(self.lr_per_part) | set(self.extra_parts) | set(self.frozen_parts)
         if unknown_parts - ALL_PARTS:
             raise InputError(
                 f"train config: unknown part(s) {sorted(unknown_parts - ALL_PARTS)}; parts are {sorted(ALL_PARTS)}."
@@ -110,6 +118,7 @@ class TrainConfig:
             "save_every",
             "log_every",
             "objects_per_sample",
+            "interactive_objects",
         ):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"train config: {name} must be >= 1, got {getattr(self, name)}.")
@@ -117,6 +126,9 @@ class TrainConfig:
             raise InputError(f"train config: phrasings must be >= 0 (0 = every template), got {self.phrasings}.")
         if self.slice_window < 0:
             raise InputError(f"train config: slice_window must be >= 0 (0 = every slice), got {self.slice_window}.")
+        for name in ("prompt_only_share", "point_share"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise InputError(f"train config: {name} must be in [0, 1], got {getattr(self, name)}.")
 
     def check_paths(self) -> None:
         """Raise :class:`InputError` naming the first configured path that does not exist."""

@@ -29,6 +29,7 @@ from ..data.cache import VolumeCache
 from ..data.ctrate import iter_reports, iter_vqa
 from ..data.mixture import TaskMixture, collate
 from ..distributed import cpu_multiprocess
+from ..errors import InputError
 from ..model.medvlsam2 import MedVLSAM2Model
 from ..model.weights import build_model, load_checkpoint, save_checkpoint
 from ..templates import TermDictionary, vqa_question
@@ -65,9 +66,12 @@ def _build_model(config: TrainConfig) -> MedVLSAM2Model:
     else:
         model = build_model(preset(config.preset), config.base_weights)
     model.config.vision.gradient_checkpointing = config.gradient_checkpointing
-    model.set_trainable(
-        stage_plan(config.stage, train_sam_memory=config.train_sam_memory).parts | set(config.extra_parts)
-    )
+    plan = stage_plan(config.stage, train_sam_memory=config.train_sam_memory).parts
+    parts = (plan | set(config.extra_parts)) - set(config.frozen_parts)
+    if not parts:
+        raise InputError(f"train config: frozen_parts {sorted(config.frozen_parts)} leave stage {config.stage} "
+                         "nothing to train.")  # fmt: skip
+    model.set_trainable(parts)
     return model
 
 
@@ -93,7 +97,8 @@ def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
         text_cache=_open_cache(config.text_cache), reports=reports, vqa=vqa, seg_cache=_open_cache(config.seg_cache),
         terms=TermDictionary.load(config.term_dictionary) if config.term_dictionary else None,
         augmentation=config.augmentation, objects_per_sample=config.objects_per_sample, phrasings=config.phrasings,
-        slice_window=config.slice_window,
+        slice_window=config.slice_window, prompt_only_share=config.prompt_only_share, point_share=config.point_share,
+        interactive_objects=config.interactive_objects,
     )  # fmt: skip
 
 
