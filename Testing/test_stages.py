@@ -78,6 +78,6 @@ def test_frozen_parts_keep_parts_of_the_stage_plan_frozen():
     trained = {name for name, trainable, _ in trainable_report(model) if trainable}
     assert trained == {"sam_decoder", "sam_memory"}
     with pytest.raises(InputError, match=r"frozen_parts \['projector'\] leave stage 1 nothing to train"):
-        _build_model(TrainConfig(stage=1, preset="tiny", frozen_parts=["projector"]))
+        TrainConfig(stage=1, preset="tiny", frozen_parts=["projector"])  # refused before any model is built
     with pytest.raises(InputError, match=r"unknown part\(s\) \['decoder'\]"):
         TrainConfig(stage=3, preset="tiny", frozen_parts=["decoder"])

@@ -165,7 +165,7 @@ class TaskMixture(torch.utils.data.Dataset):
                 turns.append(prompt_only_prompt(rng, phrasings=self.phrasings))
             else:
                 turns.append(segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings))
-            prompts = self._prompts(mask, rng, self.point_share) if task == "interactive" else ((), ())
+            prompts = self._prompts(mask, rng) if task == "interactive" else ((), ())
             targets.append(SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)), *prompts))
         ids, labels = self._encode(turns)
         image = torch.from_numpy(np.ascontiguousarray(cached.image))[None]
@@ -183,11 +183,11 @@ class TaskMixture(torch.utils.data.Dataset):
         window = slice(start, start + self.slice_window)
         return sam_image[window], masks[:, window]
 
-    @staticmethod
-    def _prompts(mask: np.ndarray, rng: np.random.Generator,
-                 point_share: float) -> tuple[tuple[PointPrompt, ...], tuple[BoxPrompt, ...]]:  # fmt: skip
+    def _prompts(
+        self, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[tuple[PointPrompt, ...], tuple[BoxPrompt, ...]]:
         """Points (with odds ``point_share``) or a box on the model grid, as the paper's evaluation synthesises them."""
-        if rng.random() < point_share:
+        if rng.random() < self.point_share:
             return tuple(synthesize_points(mask, rng)), ()
         return (), (synthesize_box(mask, rng),)
 

@@ -14,6 +14,7 @@ from typing import Any
 from ..config import PRESETS, strict_from_dict
 from ..errors import InputError
 from ..model.medvlsam2 import ALL_PARTS
+from .stages import stage_plan
 
 __all__ = ["TrainConfig", "load_train_config"]
 
@@ -107,6 +108,9 @@ class TrainConfig:
             raise InputError(
                 f"train config: unknown part(s) {sorted(unknown_parts - ALL_PARTS)}; parts are {sorted(ALL_PARTS)}."
             )
+        if not self.trainable_parts():
+            raise InputError(f"train config: frozen_parts {sorted(self.frozen_parts)} leave stage {self.stage} "
+                             "nothing to train.")  # fmt: skip
         unknown_weights = set(self.base_weights) - {"vision", "language", "sam2"}
         if unknown_weights:
             raise InputError(f"train config: base_weights has unknown key(s) {sorted(unknown_weights)}.")
@@ -129,6 +133,11 @@ class TrainConfig:
         for name in ("prompt_only_share", "point_share"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise InputError(f"train config: {name} must be in [0, 1], got {getattr(self, name)}.")
+
+    def trainable_parts(self) -> frozenset[str]:
+        """The stage's plan with ``extra_parts`` added and ``frozen_parts`` taken out."""
+        plan = stage_plan(self.stage, train_sam_memory=self.train_sam_memory).parts
+        return frozenset((plan | set(self.extra_parts)) - set(self.frozen_parts))
 
     def check_paths(self) -> None:
         """Raise :class:`InputError` naming the first configured path that does not exist."""

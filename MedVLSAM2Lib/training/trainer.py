@@ -29,12 +29,11 @@ from ..data.cache import VolumeCache
 from ..data.ctrate import iter_reports, iter_vqa
 from ..data.mixture import TaskMixture, collate
 from ..distributed import cpu_multiprocess
-from ..errors import InputError
 from ..model.medvlsam2 import MedVLSAM2Model
 from ..model.weights import build_model, load_checkpoint, save_checkpoint
 from ..templates import TermDictionary, vqa_question
 from .config import TrainConfig
-from .stages import stage_plan, trainable_report
+from .stages import trainable_report
 
 __all__ = ["TrainResult", "train", "latest_checkpoint"]
 
@@ -66,12 +65,7 @@ def _build_model(config: TrainConfig) -> MedVLSAM2Model:
     else:
         model = build_model(preset(config.preset), config.base_weights)
     model.config.vision.gradient_checkpointing = config.gradient_checkpointing
-    plan = stage_plan(config.stage, train_sam_memory=config.train_sam_memory).parts
-    parts = (plan | set(config.extra_parts)) - set(config.frozen_parts)
-    if not parts:
-        raise InputError(f"train config: frozen_parts {sorted(config.frozen_parts)} leave stage {config.stage} "
-                         "nothing to train.")  # fmt: skip
-    model.set_trainable(parts)
+    model.set_trainable(config.trainable_parts())
     return model
 
 
