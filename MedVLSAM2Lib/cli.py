@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InputError, MedVLSAM2Error
+from .machine import unsupported_capability
 
 __all__ = ["main"]
 
@@ -540,6 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    unsupported = unsupported_capability()
+    if unsupported:
+        print(f"medvlsam2 {args.command}: error: {unsupported}", file=sys.stderr)
+        return 2
     if args.command == "demo" and bool(args.volume) != bool(args.segmentation):
         print("medvlsam2 demo: give --volume and --segmentation together", file=sys.stderr)
         return 2

@@ -10,6 +10,17 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop before any test when ATEN_CPU_CAPABILITY forces kernels this CPU lacks (torch would die mid-run of an
+    illegal instruction)."""
+    from MedVLSAM2Lib.machine import unsupported_capability
+
+    unsupported = unsupported_capability()
+    if unsupported:
+        pytest.exit(unsupported, returncode=4)
+
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 

@@ -35,7 +35,7 @@ from ..templates import TermDictionary, vqa_question
 from .config import TrainConfig
 from .stages import trainable_report
 
-__all__ = ["TrainResult", "train", "latest_checkpoint"]
+__all__ = ["TrainResult", "train", "latest_checkpoint", "parameter_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +96,21 @@ def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
     )  # fmt: skip
 
 
-def _optimizer(config: TrainConfig, model: MedVLSAM2Model) -> torch.optim.Optimizer:
+def parameter_groups(model: MedVLSAM2Model, lr: float, lr_per_part: dict[str, float]) -> list[dict]:
+    """AdamW groups of the trainable parameters: one per part of ``lr_per_part`` at its rate, the rest at ``lr``."""
     groups, assigned = [], set()
-    for part, lr in config.lr_per_part.items():
+    for part, part_lr in lr_per_part.items():
         params = [p for p in model.part_parameters(part) if p.requires_grad and id(p) not in assigned]
         assigned.update(id(p) for p in params)
-        groups.append({"params": params, "lr": lr})
+        groups.append({"params": params, "lr": part_lr})
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in assigned]
-    groups.append({"params": rest, "lr": config.lr})
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay)
+    groups.append({"params": rest, "lr": lr})
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(config: TrainConfig, model: MedVLSAM2Model) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.lr, config.lr_per_part)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 @contextlib.contextmanager
