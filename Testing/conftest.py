@@ -53,3 +53,17 @@ def total_labels(data_dir: Path) -> dict[str, int]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def paper_facts() -> dict:
+    """The paper's published numbers and settings, ``../shared/paper/paper-facts.json`` (see its README)."""
+    import json
+
+    path = REPO.parent / "shared" / "paper" / "paper-facts.json"
+    if not path.is_file():
+        message = f"paper facts not found at {path} (CI provides ../shared/paper beside the checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must not pass without it")
+        pytest.skip(message)
+    return json.loads(path.read_text())

@@ -1,12 +1,15 @@
-"""Freeze plans per stage: exactly the paper's modules receive gradients and optimiser state."""
+"""Freeze plans per stage: exactly the paper's modules receive gradients and optimiser state; the shipped
+Training/stage*.yaml hold the paper's settings, read from ../shared/paper/paper-facts.json."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 from test_model import _mixed_batch
 
-from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.config import preset, strict_from_dict
 from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
 from MedVLSAM2Lib.training.config import TrainConfig
@@ -55,21 +58,68 @@ def test_stage_three_can_add_sam2_memory():
         stage_plan(4)
 
 
-@pytest.mark.parametrize(
-    "stage,epochs,batch,accum",
-    [(1, 3, 16, 1), (2, 5, 16, 1), (3, 1, 1, 8)],
-)
-def test_shipped_stage_configs_hold_the_papers_settings(stage, epochs, batch, accum):
+# The paper's names for trainable parts (paper-facts.json "training") -> our parts; "stage N set" means stage N's.
+PAPER_PARTS = {"projector": {"projector"}, "vision encoder": {"vision"}, "LLM LoRA": {"lora"},
+               "SAM2 mask decoder": {"sam_decoder"}}  # fmt: skip
+# Trained beyond the paper's list on purpose (Training/README.md §6): the [SEG] projector is a new, randomly
+# initialised layer from the LLM into SAM2's prompt space, so the stage that first uses it has to train it.
+BEYOND_PAPER = {1: set(), 2: set(), 3: {"seg_projector"}}
+# The paper gives stage 3 two epoch counts; Training/stage3.yaml takes the main text's (README §6 says why).
+STAGE3_EPOCHS_FROM = "section 4.2"
+
+
+def _shipped_config(stage: int) -> TrainConfig:
     import yaml
     from conftest import REPO
 
-    from MedVLSAM2Lib.training.config import TrainConfig
+    path = REPO / "Training" / f"stage{stage}.yaml"
+    return strict_from_dict(TrainConfig, yaml.safe_load(path.read_text()), str(path))
 
-    config = TrainConfig(**yaml.safe_load((REPO / "Training" / f"stage{stage}.yaml").read_text()))
-    assert (config.stage, config.epochs, config.batch_size, config.grad_accum) == (stage, epochs, batch, accum)
-    if stage < 3:
-        assert config.batch_size * 8 * config.grad_accum == 128  # global batch 128 on 8 GPUs
+
+def _paper_parts(training: dict, stage: int) -> set[str]:
+    parts = set()
+    for name in training[f"stage{stage}"]["trainable"]:
+        earlier = re.fullmatch(r"stage (\d) set", name)
+        parts |= _paper_parts(training, int(earlier[1])) if earlier else PAPER_PARTS[name]
+    return parts
+
+
+def _paper_epochs(epochs: int | str) -> dict[str, int]:
+    """``{source: epochs}``: one value, or stage 3's "5 (section 4.2) or 10 (supplement section 8)"."""
+    if isinstance(epochs, int):
+        return {"paper": epochs}
+    return {source: int(count) for count, source in re.findall(r"(\d+) \(([^)]+)\)", epochs)}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_shipped_stage_configs_hold_the_papers_settings(stage, paper_facts):
+    training = paper_facts["training"]
+    paper = training[f"stage{stage}"]
+    config = _shipped_config(stage)
+    assert config.stage == stage
+    assert set(config.trainable_parts()) == _paper_parts(training, stage) | BEYOND_PAPER[stage]
+    epochs = _paper_epochs(paper["epochs"])
+    assert config.epochs == (epochs[STAGE3_EPOCHS_FROM] if stage == 3 else epochs["paper"]), epochs
+    assert (config.batch_size, config.grad_accum) == (paper["batch_per_gpu"], paper.get("grad_accumulation", 1))
+    stated = paper["effective_batch"]
+    if isinstance(stated, int):
+        assert config.batch_size * config.grad_accum * paper["gpus"] == stated
+    else:  # stage 3 "stated 8": 1 per GPU x 8 accumulation steps; on the paper's 8 GPUs that is 64 (README §6)
+        assert config.batch_size * config.grad_accum == int(re.search(r"\d+", stated)[0])
     assert set(config.task_weights) == set(stage_plan(stage).tasks)
+    if "equal probability" in paper["data"]:
+        assert len(set(config.task_weights.values())) == 1, config.task_weights
+
+
+def test_shipped_stage_configs_use_the_papers_lora_targets_and_loss_weights(paper_facts):
+    training = paper_facts["training"]
+    assert {_shipped_config(stage).preset for stage in (1, 2, 3)} == {"paper"}
+    model = preset("paper")
+    assert model.language.lora_targets == tuple(training["lora_targets"])
+    loss = re.fullmatch(r"([\d.]+)\*text \+ ([\d.]+)\*\(BCE \+ ([\d.]+)\*Dice\)", training["stage3"]["loss"])
+    assert loss, training["stage3"]["loss"]
+    weights = model.loss
+    assert (weights.text_weight, weights.mask_weight, weights.dice_weight) == tuple(float(w) for w in loss.groups())
 
 
 def test_frozen_parts_keep_parts_of_the_stage_plan_frozen():
