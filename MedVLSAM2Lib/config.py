@@ -85,21 +85,30 @@ class ProjectorConfig:
     """Vision tokens → LLM tokens.
 
     Attributes:
-        kind: ``"mixer"`` (two MLP-Mixer layers, the paper), ``"mlp"`` or ``"linear"`` (ablation;
-            both keep the token count unless ``out_tokens`` differs, then they pool tokens linearly).
+        kind: ``"mixer"`` (MLP-Mixer, the paper), ``"mlp"`` or ``"linear"`` (Table 6 ablation; both keep the
+            token count unless ``out_tokens`` differs, then they pool tokens linearly).
         out_tokens: visual tokens given to the LLM (512 in the paper).
-        hidden_tokens: token count after the first mixer layer (``None``: the mean of in and out).
-        hidden_channels: channel width after the first mixer layer (``None``: half the LLM width).
+        mixer_layers: ``1`` — the paper's Eq. (2): one mixer layer straight to ``out_tokens × d_llm``
+            (7,088,640 parameters at paper scale, Table 8's 7.09M); ``2`` — two stacked mixer layers through
+            ``hidden_tokens × hidden_channels`` (the ``tiny`` and ``small`` presets).
+        hidden_tokens: token count after the first of two mixer layers (``None``: the mean of in and out).
+        hidden_channels: channel width after the first of two mixer layers (``None``: half the LLM width).
     """
 
     kind: str = "mixer"
     out_tokens: int = 512
+    mixer_layers: int = 1
     hidden_tokens: int | None = None
     hidden_channels: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("mixer", "mlp", "linear"):
             raise InputError(f"projector.kind must be 'mixer', 'mlp' or 'linear', got {self.kind!r}.")
+        if self.mixer_layers not in (1, 2):
+            raise InputError(f"projector.mixer_layers must be 1 (the paper) or 2, got {self.mixer_layers}.")
+        hidden = (self.hidden_tokens, self.hidden_channels)
+        if self.kind == "mixer" and self.mixer_layers == 1 and hidden != (None, None):
+            raise InputError("projector.hidden_tokens/hidden_channels need mixer_layers=2: one mixer layer has none.")
         _positive("projector", out_tokens=self.out_tokens)
 
 
@@ -270,7 +279,7 @@ def _tiny() -> ModelConfig:
         name="tiny",
         vision=VisionConfig(img_size=(16, 64, 64), patch_size=(4, 16, 16), hidden_size=64, mlp_dim=128,
                             num_layers=2, num_heads=4),
-        projector=ProjectorConfig(out_tokens=16),
+        projector=ProjectorConfig(out_tokens=16, mixer_layers=2),
         language=LanguageConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                                 tokenizer="tiny", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                                 lora_targets=ALL_QWEN2_LINEARS,
@@ -285,7 +294,7 @@ def _small() -> ModelConfig:
     return ModelConfig(
         name="small",
         vision=VisionConfig(),
-        projector=ProjectorConfig(out_tokens=256),
+        projector=ProjectorConfig(out_tokens=256, mixer_layers=2),
         language=LanguageConfig(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2),
         segmenter=SegmenterConfig(variant="tiny", image_size=512),
     )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from MedVLSAM2Lib.config import ModelConfig, SegmenterConfig, VisionConfig, preset
+from MedVLSAM2Lib.config import ModelConfig, ProjectorConfig, SegmenterConfig, VisionConfig, preset
 from MedVLSAM2Lib.errors import InputError
 
 
@@ -31,6 +31,15 @@ def test_paper_preset_has_the_papers_geometry():
     assert config.segmenter.variant == "large" and config.segmenter.image_size == 1024
     assert config.segmenter.stages == (2, 6, 36, 4)
     assert (config.loss.text_weight, config.loss.mask_weight, config.loss.dice_weight) == (0.5, 2.0, 1.0)
+
+
+def test_paper_preset_uses_one_mixer_layer_and_tiny_small_keep_two():
+    assert preset("paper").projector.mixer_layers == 1  # Eq. (2), Table 8's 7.09M
+    assert preset("tiny").projector.mixer_layers == preset("small").projector.mixer_layers == 2
+    with pytest.raises(InputError, match="mixer_layers must be 1"):
+        ProjectorConfig(mixer_layers=3)
+    with pytest.raises(InputError, match="hidden_tokens/hidden_channels need mixer_layers=2"):
+        ProjectorConfig(hidden_tokens=1024)
 
 
 def test_bad_configs_are_rejected_with_the_field_named():

@@ -1,9 +1,18 @@
-"""Vision tokens → LLM tokens: the paper's two MLP-Mixer layers, and Linear/MLP variants for the ablation.
+"""Vision tokens → LLM tokens: the paper's MLP-Mixer (Eq. (2)), and Linear/MLP variants for the Table 6 ablation.
 
-A mixer layer (after Med3DVLM's ``MixerLayer``, in the paper's order "channel mixing, then token
-mixing"): ``LayerNorm(C) → channel MLP (C_in → C_out, GELU)`` then ``LayerNorm(C_out) → token MLP
-(N_in → N_out, GELU)``, no residuals (the shapes change). Two layers take ``2048 × 768`` to
-``512 × d_llm`` through ``hidden_tokens × hidden_channels``.
+The paper's projector (its Eq. (2), in its order "channel mixing, then token mixing"; LayerNorm + GELU as in
+Med3DVLM's ``MixerLayer``, no residuals since the shapes change). For vision tokens ``X`` of shape ``(N, C)``::
+
+    U = MLP_c(LN_C(X))                 channel mixing, per token:  (N, C) → (N, d)
+    Z = MLP_t(LN_d(U)ᵀ)ᵀ               token mixing, per channel:  (N, d) → (N', d)
+    MLP_a→b(x) = W₂ GELU(W₁ x + b₁) + b₂,   W₁: a → b,  W₂: b → b
+
+At paper scale (``N = 2048`` M3D-CLIP tokens, ``C = 768``, ``d = 2048`` Qwen2.5-3B width, ``N' = 512``) it has
+``2·768 + (768·2048 + 2048 + 2048·2048 + 2048) + 2·2048 + (2048·512 + 512 + 512·512 + 512)`` =
+``1,536 + 5,771,264 + 4,096 + 1,311,744`` = **7,088,640** parameters: Table 8's 7.09M, and 13.52 MB in bf16
+(14,177,280 bytes = 13.52 MiB). Table 8 alone does not fix the order (token mixing first would have 7,086,080,
+also "7.09M"); the order is the paper's text. ``mixer_layers=2`` stacks two such layers through ``hidden_tokens ×
+hidden_channels`` (the ``tiny`` and ``small`` presets).
 """
 
 from __future__ import annotations
@@ -37,16 +46,20 @@ class MixerLayer(nn.Module):
 
 
 class MixerProjector(nn.Module):
-    """Two mixer layers: ``(B, N, C_vision)`` → ``(B, out_tokens, d_llm)``."""
+    """``(B, N, C_vision)`` → ``(B, out_tokens, d_llm)`` through ``config.mixer_layers`` mixer layers (1: Eq. (2))."""
 
     def __init__(self, config: ProjectorConfig, tokens_in: int, channels_in: int, channels_out: int) -> None:
         super().__init__()
-        hidden_tokens = config.hidden_tokens or (tokens_in + config.out_tokens) // 2
-        hidden_channels = config.hidden_channels or channels_out // 2
-        self.layers = nn.Sequential(
-            MixerLayer(tokens_in, hidden_tokens, channels_in, hidden_channels),
-            MixerLayer(hidden_tokens, config.out_tokens, hidden_channels, channels_out),
-        )
+        if config.mixer_layers == 1:
+            layers = [MixerLayer(tokens_in, config.out_tokens, channels_in, channels_out)]
+        else:
+            hidden_tokens = config.hidden_tokens or (tokens_in + config.out_tokens) // 2
+            hidden_channels = config.hidden_channels or channels_out // 2
+            layers = [
+                MixerLayer(tokens_in, hidden_tokens, channels_in, hidden_channels),
+                MixerLayer(hidden_tokens, config.out_tokens, hidden_channels, channels_out),
+            ]
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.layers(tokens)
