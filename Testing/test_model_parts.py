@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -48,14 +45,7 @@ def test_projectors_map_vision_tokens_to_llm_tokens(kind):
     assert projector(torch.rand(2, 64, 32)).shape == (2, 16, 48)
 
 
-def _table8(row: str) -> list[str]:
-    facts = Path(__file__).resolve().parents[2] / "shared" / "paper" / "paper-facts.json"
-    if not facts.is_file():
-        pytest.skip(f"paper facts not found at {facts}")
-    return json.loads(facts.read_text())["tables"]["8_module_sizes"]["rows"][row]
-
-
-def test_paper_projector_is_eq2_with_table8_parameter_count():
+def test_paper_projector_is_eq2_with_table8_parameter_count(paper_facts):
     """One mixer layer: LN(768) → channel MLP 768→2048→2048 → LN(2048) → token MLP 2048→512→512."""
     config = preset("paper")
     with torch.device("meta"):
@@ -69,7 +59,8 @@ def test_paper_projector_is_eq2_with_table8_parameter_count():
     ]  # fmt: skip
     count = sum(p.numel() for p in projector.parameters())
     assert count == 7_088_640
-    assert [f"{count / 1e6:.2f}M", f"{count * 2 / 2**20:.2f} MB"] == _table8("Projection Layer")  # bf16 MiB
+    table8 = paper_facts["tables"]["8_module_sizes"]["rows"]["Projection Layer"]
+    assert [f"{count / 1e6:.2f}M", f"{count * 2 / 2**20:.2f} MB"] == table8  # bf16 MiB
 
 
 def test_real_qwen2_tokenizer_round_trips_and_keeps_qwen_ids():
