@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.data.mixture import Sample, collate
 from MedVLSAM2Lib.errors import WeightsError
-from MedVLSAM2Lib.model.language import build_tokenizer
-from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
+from MedVLSAM2Lib.model.language import build_tokenizer, encode_conversation
+from MedVLSAM2Lib.model.medvlsam2 import STAGE_PARTS, MedVLSAM2Model
 from MedVLSAM2Lib.model.segmenter import build_sam2
 from MedVLSAM2Lib.model.vision import VisionEncoder3D
 from MedVLSAM2Lib.model.weights import build_model, load_checkpoint, load_language_model, save_checkpoint
@@ -171,3 +173,97 @@ def test_stage_one_checkpoint_with_base_weights_reloads(tmp_path, monkeypatch):
     loaded = load_checkpoint(folder)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_hugging_face_folder_that_lacks_a_tensor_is_refused(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    Qwen2ForCausalLM(qwen).save_pretrained(str(tmp_path / "lm"))
+    state = load_file(str(tmp_path / "lm" / "model.safetensors"))
+    del state["model.norm.weight"]
+    save_file(state, str(tmp_path / "lm" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"1 missing keys: model\.norm\.weight"):
+        load_language_model(tmp_path / "lm")
+
+
+def _output_head(model):
+    """The output matrix the forward pass uses (peft's trained rows merged in)."""
+    return model.llm.get_base_model().lm_head.weight.detach()
+
+
+def _train_a_few_steps(model, steps=3):
+    """AdamW on one report sample (every trainable part gets a gradient: the mask loss runs at zero weight);
+    returns the output head's rows of [SEG] and <image> before."""
+    config = model.config
+    new_rows = [model.tokens.seg, model.tokens.image]
+    before = _output_head(model)[new_rows].clone()
+    torch.manual_seed(1)
+    image = torch.rand(1, *config.vision.img_size)
+    turns = [("Describe the findings of the medical image you see.", "Findings: no acute abnormality.")]
+    ids, labels = encode_conversation(model.tokenizer, config.system_prompt, turns, config.projector.out_tokens)
+    batch = collate([Sample(image, image[0].clone(), ids, labels)], model.tokens.pad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    return before
+
+
+HEAD_ROWS = "llm.base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trained_tied_and_untied_models_reload_bit_identically(tmp_path, tied):
+    config = preset("tiny")
+    config.language.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = MedVLSAM2Model(config)
+    new_rows = [model.tokens.seg, model.tokens.image]
+    head_before = _train_a_few_steps(model)
+    head = _output_head(model)[new_rows]
+    assert not torch.equal(head, head_before)  # the output head's rows of the new tokens were trained
+    embedding = model.llm.get_input_embeddings().weight[new_rows].detach()
+    assert torch.equal(head, embedding) is tied
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    torch.manual_seed(99)  # a different random init underneath
+    loaded = load_checkpoint(folder)
+    reference = model.state_dict()
+    assert set(loaded.state_dict()) == set(reference)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    assert torch.equal(_output_head(loaded), _output_head(model))
+    assert loaded.config.language.tie_word_embeddings is tied
+
+
+@pytest.mark.parametrize("also_unlisted", [False, True])
+def test_checkpoint_without_one_trained_tensor_fails_naming_it(tmp_path, also_unlisted):
+    config = preset("tiny")
+    config.language.tie_word_embeddings = False
+    torch.manual_seed(0)
+    folder = save_checkpoint(MedVLSAM2Model(config), tmp_path / "ckpt")
+    state = load_file(str(folder / "model.safetensors"))
+    del state[HEAD_ROWS]
+    save_file(state, str(folder / "model.safetensors"))
+    if also_unlisted:  # no base file holds it either
+        meta = json.loads((folder / "config.json").read_text())
+        meta["tensors"].remove(HEAD_ROWS)
+        (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match=rf"1 missing keys: {re.escape(HEAD_ROWS)}\)"):
+        load_checkpoint(folder)
+
+
+def test_trained_tensor_that_the_base_also_holds_must_be_in_the_checkpoint(tmp_path):
+    config = preset("tiny")
+    _m3d_clip_checkpoint(tmp_path / "vit.bin", config.vision)
+    base = {"vision": tmp_path / "vit.bin"}
+    model = build_model(config, base)
+    model.set_trainable(STAGE_PARTS[2])  # the ViT is trained: the checkpoint must carry it, not the base file
+    folder = save_checkpoint(model, tmp_path / "stage2", base)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["vision.blocks.0.attn.qkv.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"1 missing keys: vision\.blocks\.0\.attn\.qkv\.weight"):
+        load_checkpoint(folder)
