@@ -103,7 +103,8 @@ def _base_tokenizer(spec: str) -> Any:
         raise InputError(f"tokenizer {spec!r}: expected 'qwen', 'tiny' or a local folder with a tokenizer.")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    # No remote code: InternVL's config.json has an auto_map, and transformers would otherwise ask on stdin.
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def build_tokenizer(spec: str) -> Any:

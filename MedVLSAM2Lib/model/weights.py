@@ -101,6 +101,33 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _qwen2_arguments(llm_config: dict[str, Any], source: Path) -> dict[str, Any]:
+    """``Qwen2Config`` arguments from an InternVL ``llm_config``: remote-code entries dropped, and FlashAttention-2
+    (InternVL2.5-4B's config asks for it as ``_attn_implementation``) replaced by sdpa where ``flash-attn`` cannot run.
+
+    Raises:
+        WeightsError: the LM is not a Qwen2 (InternVL2.5-2B/8B/26B carry InternLM2).
+    """
+    from transformers.utils import is_flash_attn_2_available
+
+    arguments = {k: v for k, v in llm_config.items() if k not in ("architectures", "auto_map")}
+    if arguments.get("model_type", "qwen2") != "qwen2":
+        raise WeightsError(
+            f"{source}: llm_config.model_type is {arguments['model_type']!r}; MedVL-SAM2 needs a Qwen2 LM "
+            "(InternVL2.5-1B, -4B, -38B or -78B)."
+        )
+    spellings = [arguments.pop(k) for k in ("_attn_implementation", "attn_implementation") if k in arguments]
+    attention = next((a for a in spellings if a), None)
+    if attention == "flash_attention_2" and not is_flash_attn_2_available():
+        logger.info(
+            "%s: llm_config asks for flash_attention_2, which cannot run here (no flash-attn); using sdpa.", source
+        )
+        attention = "sdpa"
+    if attention:
+        arguments["attn_implementation"] = attention
+    return arguments
+
+
 def _load_hugging_face_folder(folder: Path, dtype: torch.dtype) -> Any:
     """``AutoModelForCausalLM`` from a local folder, refusing weights that leave parameters uninitialised."""
     from transformers import AutoModelForCausalLM
@@ -119,7 +146,7 @@ def load_language_model(folder: str | os.PathLike, dtype: torch.dtype = torch.fl
     local HF causal-LM folder. The LM is tied or untied as its config says (InternVL2.5-4B: untied).
 
     Raises:
-        WeightsError: no config, no language tensors, or keys that do not fit.
+        WeightsError: no config, no language tensors, a non-Qwen2 ``llm_config``, or keys that do not fit.
     """
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -128,11 +155,12 @@ def load_language_model(folder: str | os.PathLike, dtype: torch.dtype = torch.fl
     if not config_path.is_file():
         raise WeightsError(f"{folder}: no config.json; give an InternVL2.5 or Hugging Face model folder.")
     config = json.loads(config_path.read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True) if _has_tokenizer(folder) else None
+    tokenizer = None
+    if _has_tokenizer(folder):  # no remote code: InternVL's auto_map would otherwise make transformers ask on stdin
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if "llm_config" not in config:
         return _load_hugging_face_folder(folder, dtype), tokenizer
-    llm_config = {k: v for k, v in config["llm_config"].items() if k not in ("architectures", "auto_map")}
-    qwen = Qwen2Config(**llm_config)
+    qwen = Qwen2Config(**_qwen2_arguments(config["llm_config"], config_path))
     with torch.device("meta"):
         model = Qwen2ForCausalLM(qwen)
     prefix = "language_model."
