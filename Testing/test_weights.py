@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from MedVLSAM2Lib.config import preset
+from MedVLSAM2Lib.data.mixture import Sample, collate
 from MedVLSAM2Lib.errors import WeightsError
-from MedVLSAM2Lib.model.language import build_tokenizer
-from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
+from MedVLSAM2Lib.model.language import build_tokenizer, encode_conversation
+from MedVLSAM2Lib.model.medvlsam2 import STAGE_PARTS, MedVLSAM2Model
 from MedVLSAM2Lib.model.segmenter import build_sam2
 from MedVLSAM2Lib.model.vision import VisionEncoder3D
 from MedVLSAM2Lib.model.weights import build_model, load_checkpoint, load_language_model, save_checkpoint
@@ -171,3 +174,286 @@ def test_stage_one_checkpoint_with_base_weights_reloads(tmp_path, monkeypatch):
     loaded = load_checkpoint(folder)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+# InternVL2.5-4B's config.json as released (the llm_config's field set, incl. transformers' generic fields and
+# "_attn_implementation"), with the LM shrunk to test size: the fields _internvl2_5_4b_folder overwrites.
+INTERNVL2_5_4B_CONFIG = """{
+  "_commit_hash": null,
+  "architectures": ["InternVLChatModel"],
+  "auto_map": {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+    "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"
+  },
+  "downsample_ratio": 0.5,
+  "dynamic_image_size": true,
+  "force_image_size": 448,
+  "llm_config": {
+    "_name_or_path": "Qwen/Qwen2.5-3B-Instruct",
+    "add_cross_attention": false,
+    "architectures": ["Qwen2ForCausalLM"],
+    "_attn_implementation": "flash_attention_2",
+    "attention_dropout": 0.0,
+    "bad_words_ids": null,
+    "begin_suppress_tokens": null,
+    "bos_token_id": 151643,
+    "chunk_size_feed_forward": 0,
+    "cross_attention_hidden_size": null,
+    "decoder_start_token_id": null,
+    "diversity_penalty": 0.0,
+    "do_sample": false,
+    "early_stopping": false,
+    "encoder_no_repeat_ngram_size": 0,
+    "eos_token_id": 151645,
+    "exponential_decay_length_penalty": null,
+    "finetuning_task": null,
+    "forced_bos_token_id": null,
+    "forced_eos_token_id": null,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "is_decoder": false,
+    "is_encoder_decoder": false,
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "length_penalty": 1.0,
+    "max_length": 20,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 70,
+    "min_length": 0,
+    "model_type": "qwen2",
+    "no_repeat_ngram_size": 0,
+    "num_attention_heads": 16,
+    "num_beam_groups": 1,
+    "num_beams": 1,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 2,
+    "num_return_sequences": 1,
+    "output_attentions": false,
+    "output_hidden_states": false,
+    "output_scores": false,
+    "pad_token_id": null,
+    "prefix": null,
+    "problem_type": null,
+    "pruned_heads": {},
+    "remove_invalid_values": false,
+    "repetition_penalty": 1.0,
+    "return_dict": true,
+    "return_dict_in_generate": false,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+    "rope_theta": 1000000.0,
+    "sep_token_id": null,
+    "sliding_window": null,
+    "suppress_tokens": null,
+    "task_specific_params": null,
+    "temperature": 1.0,
+    "tf_legacy_loss": false,
+    "tie_encoder_decoder": false,
+    "tie_word_embeddings": false,
+    "tokenizer_class": null,
+    "top_k": 50,
+    "top_p": 1.0,
+    "torch_dtype": "bfloat16",
+    "torchscript": false,
+    "transformers_version": "4.37.2",
+    "typical_p": 1.0,
+    "use_bfloat16": true,
+    "use_cache": true,
+    "use_sliding_window": false,
+    "vocab_size": 151674
+  },
+  "max_dynamic_patch": 12,
+  "min_dynamic_patch": 1,
+  "model_type": "internvl_chat",
+  "pad2square": false,
+  "ps_version": "v2",
+  "select_layer": -1,
+  "template": "internvl2_5",
+  "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16",
+  "transformers_version": null,
+  "use_backbone_lora": 0,
+  "use_llm_lora": 0,
+  "use_thumbnail": true,
+  "vision_config": {
+    "architectures": ["InternVisionModel"],
+    "hidden_size": 1024,
+    "image_size": 448,
+    "intermediate_size": 4096,
+    "model_type": "intern_vit_6b",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "patch_size": 14,
+    "use_flash_attn": true
+  }
+}"""
+
+
+def _internvl2_5_4b_folder(folder):
+    """An InternVL2.5-4B-style folder at test size: the real config.json with a tiny LM geometry, untied
+    ``language_model.lm_head.weight``, InternViT/MLP tensors the loader skips, and the tokenizer. The LM has no
+    rows for [SEG] and <image> yet, as InternVL2.5-4B's 151,674 rows have none."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer("tiny")
+    config = json.loads(INTERNVL2_5_4B_CONFIG)
+    geometry = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": len(tokenizer) - 2,
+                "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}  # fmt: skip
+    config["llm_config"].update(geometry)
+    torch.manual_seed(6)
+    reference = Qwen2ForCausalLM(Qwen2Config(**{**config["llm_config"], "_attn_implementation": "sdpa"}))
+    folder.mkdir()
+    tensors = {f"language_model.{k}": v.clone() for k, v in reference.state_dict().items()}
+    tensors["vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)
+    tensors["mlp1.1.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(folder))
+    return reference
+
+
+def test_internvl2_5_4b_config_loads_untied_with_sdpa_when_flash_attn_is_missing(tmp_path, caplog, capsys,
+                                                                                  monkeypatch):  # fmt: skip
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)  # as on any CPU machine
+    reference = _internvl2_5_4b_folder(tmp_path / "InternVL2_5-4B")
+    with caplog.at_level(logging.INFO, logger="MedVLSAM2Lib.model.weights"):
+        lm, tokenizer = load_language_model(tmp_path / "InternVL2_5-4B")
+    assert "custom code" not in capsys.readouterr().out  # the auto_map never makes transformers ask on stdin
+    notes = [r.getMessage() for r in caplog.records if "flash_attention_2" in r.getMessage()]
+    assert len(notes) == 1 and "using sdpa" in notes[0]
+    assert lm.config._attn_implementation == "sdpa" and tokenizer is not None
+    assert lm.config.tie_word_embeddings is False and lm.lm_head.weight is not lm.model.embed_tokens.weight
+    for key, value in reference.state_dict().items():
+        assert torch.equal(lm.state_dict()[key], value), key  # the output head is the file's own matrix
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(lm(ids).logits, reference(ids).logits)
+
+
+def test_internvl_folder_with_an_internlm2_llm_is_refused(tmp_path):
+    folder = tmp_path / "InternVL2_5-8B"
+    folder.mkdir()
+    llm_config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+                  "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({"llm_config": llm_config}))
+    with pytest.raises(WeightsError, match="model_type is 'internlm2'; MedVL-SAM2 needs a Qwen2 LM"):
+        load_language_model(folder)
+
+
+def test_hugging_face_folder_that_lacks_a_tensor_is_refused(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    Qwen2ForCausalLM(qwen).save_pretrained(str(tmp_path / "lm"))
+    state = load_file(str(tmp_path / "lm" / "model.safetensors"))
+    del state["model.norm.weight"]
+    save_file(state, str(tmp_path / "lm" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"1 missing keys: model\.norm\.weight"):
+        load_language_model(tmp_path / "lm")
+
+
+def _output_head(model):
+    """The output matrix the forward pass uses (peft's trained rows merged in)."""
+    return model.llm.get_base_model().lm_head.weight.detach()
+
+
+def _train_a_few_steps(model, steps=3):
+    """AdamW on one report sample (every trainable part gets a gradient: the mask loss runs at zero weight);
+    returns the output head's rows of [SEG] and <image> before."""
+    config = model.config
+    new_rows = [model.tokens.seg, model.tokens.image]
+    before = _output_head(model)[new_rows].clone()
+    torch.manual_seed(1)
+    image = torch.rand(1, *config.vision.img_size)
+    turns = [("Describe the findings of the medical image you see.", "Findings: no acute abnormality.")]
+    ids, labels = encode_conversation(model.tokenizer, config.system_prompt, turns, config.projector.out_tokens)
+    batch = collate([Sample(image, image[0].clone(), ids, labels)], model.tokens.pad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    return before
+
+
+HEAD_ROWS = "llm.base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trained_tied_and_untied_models_reload_bit_identically(tmp_path, tied):
+    config = preset("tiny")
+    config.language.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = MedVLSAM2Model(config)
+    new_rows = [model.tokens.seg, model.tokens.image]
+    head_before = _train_a_few_steps(model)
+    head = _output_head(model)[new_rows]
+    assert not torch.equal(head, head_before)  # the output head's rows of the new tokens were trained
+    embedding = model.llm.get_input_embeddings().weight[new_rows].detach()
+    assert torch.equal(head, embedding) is tied
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    torch.manual_seed(99)  # a different random init underneath
+    loaded = load_checkpoint(folder)
+    reference = model.state_dict()
+    assert set(loaded.state_dict()) == set(reference)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    assert torch.equal(_output_head(loaded), _output_head(model))
+    assert loaded.config.language.tie_word_embeddings is tied
+
+
+@pytest.mark.parametrize("also_unlisted", [False, True])
+def test_checkpoint_without_one_trained_tensor_fails_naming_it(tmp_path, also_unlisted):
+    config = preset("tiny")
+    config.language.tie_word_embeddings = False
+    torch.manual_seed(0)
+    folder = save_checkpoint(MedVLSAM2Model(config), tmp_path / "ckpt")
+    state = load_file(str(folder / "model.safetensors"))
+    del state[HEAD_ROWS]
+    save_file(state, str(folder / "model.safetensors"))
+    if also_unlisted:  # no base file holds it either
+        meta = json.loads((folder / "config.json").read_text())
+        meta["tensors"].remove(HEAD_ROWS)
+        (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match=rf"1 missing keys: {re.escape(HEAD_ROWS)}\)"):
+        load_checkpoint(folder)
+
+
+def test_untied_internvl_base_checkpoint_reloads_bit_identically(tmp_path):
+    _internvl2_5_4b_folder(tmp_path / "InternVL2_5-4B")
+    base = {"language": tmp_path / "InternVL2_5-4B"}
+    torch.manual_seed(0)
+    model = build_model(preset("tiny"), base)
+    assert model.config.language.tie_word_embeddings is False  # the folder decides
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert HEAD_ROWS in trainable
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    folder = save_checkpoint(model, tmp_path / "ckpt", base)
+    meta = json.loads((folder / "config.json").read_text())
+    assert "llm.base_model.model.lm_head.token_adapter.base_layer.weight" not in meta["tensors"]  # from the base
+    torch.manual_seed(99)
+    loaded = load_checkpoint(folder)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key  # new-token rows added from the base identically
+
+
+def test_trained_tensor_that_the_base_also_holds_must_be_in_the_checkpoint(tmp_path):
+    config = preset("tiny")
+    _m3d_clip_checkpoint(tmp_path / "vit.bin", config.vision)
+    base = {"vision": tmp_path / "vit.bin"}
+    model = build_model(config, base)
+    model.set_trainable(STAGE_PARTS[2])  # the ViT is trained: the checkpoint must carry it, not the base file
+    folder = save_checkpoint(model, tmp_path / "stage2", base)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["vision.blocks.0.attn.qkv.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"1 missing keys: vision\.blocks\.0\.attn\.qkv\.weight"):
+        load_checkpoint(folder)

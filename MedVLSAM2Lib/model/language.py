@@ -103,7 +103,8 @@ def _base_tokenizer(spec: str) -> Any:
         raise InputError(f"tokenizer {spec!r}: expected 'qwen', 'tiny' or a local folder with a tokenizer.")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    # No remote code: InternVL's config.json has an auto_map, and transformers would otherwise ask on stdin.
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def build_tokenizer(spec: str) -> Any:
@@ -173,7 +174,7 @@ def encode_conversation(
 
 
 def build_causal_lm(config: LanguageConfig, vocab_size: int, tokens: ChatTokens) -> Any:
-    """A randomly initialised ``Qwen2ForCausalLM`` with the configured geometry and tied embeddings."""
+    """A randomly initialised ``Qwen2ForCausalLM`` with the configured geometry, tied or untied as configured."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     qwen = Qwen2Config(
@@ -186,7 +187,7 @@ def build_causal_lm(config: LanguageConfig, vocab_size: int, tokens: ChatTokens)
         rope_theta=config.rope_theta,
         rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=config.tie_word_embeddings,
         initializer_range=config.initializer_range,
         eos_token_id=tokens.im_end,
         pad_token_id=tokens.pad,
@@ -196,16 +197,20 @@ def build_causal_lm(config: LanguageConfig, vocab_size: int, tokens: ChatTokens)
 
 
 def apply_lora(model: Any, config: LanguageConfig, new_token_ids: list[int]) -> Any:
-    """Wrap the LM with LoRA on ``config.lora_targets``; the rows of ``new_token_ids`` in the (tied)
-    embedding are trainable on their own (peft trainable tokens), the rest of the LM is frozen."""
+    """Wrap the LM with LoRA on ``config.lora_targets``; the rest of the LM is frozen except the rows of
+    ``new_token_ids`` (peft trainable tokens): in the input embeddings, and in the output head too when the
+    model's own config unties it (a tied head follows the embedding rows)."""
     from peft import LoraConfig, get_peft_model
 
+    rows = {"embed_tokens": list(new_token_ids)}
+    if not model.config.tie_word_embeddings:
+        rows["lm_head"] = list(new_token_ids)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_targets),
-        trainable_token_indices={"embed_tokens": list(new_token_ids)},
+        trainable_token_indices=rows,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)

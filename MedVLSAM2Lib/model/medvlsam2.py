@@ -129,6 +129,17 @@ class SegTokenProjector(nn.Module):
         return self.layers(hidden)
 
 
+def _add_token_rows(lm: nn.Module, vocab_size: int) -> None:
+    """Grow a pretrained LM's input embeddings (and an untied output head) to ``vocab_size`` rows. Each new row is
+    the mean of the old ones rather than a random draw, so that rebuilding from the same base gives the same rows."""
+    old = lm.get_input_embeddings().num_embeddings
+    lm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    matrices = {id(m.weight): m.weight for m in (lm.get_input_embeddings(), lm.get_output_embeddings())}
+    with torch.no_grad():
+        for weight in matrices.values():
+            weight[old:] = weight[:old].mean(dim=0)
+
+
 class MedVLSAM2Model(nn.Module):
     """The unified model. Build with :func:`MedVLSAM2Lib.model.weights.build_model` to load real weights."""
 
@@ -144,7 +155,7 @@ class MedVLSAM2Model(nn.Module):
             else build_causal_lm(config.language, len(self.tokenizer), self.tokens)
         )
         if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
-            base.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+            _add_token_rows(base, len(self.tokenizer))
         d_llm = base.config.hidden_size
         self.projector = build_projector(config.projector, config.vision.num_tokens, config.vision.hidden_size, d_llm)
         self.llm = apply_lora(base, config.language, [self.tokens.seg, self.tokens.image])

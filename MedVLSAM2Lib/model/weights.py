@@ -9,7 +9,9 @@ Real checkpoint layouts (DESIGN.md §3):
 - SAM2.1 ``sam2.1_hiera_*.pt``: ``torch.load(...)["model"]``.
 
 Our checkpoint folder: ``config.json`` (model config, base-weight references, format version),
-``model.safetensors`` (the trained parts, plus every part that has no base reference), ``tokenizer/``.
+``model.safetensors`` (the trained parts, plus every part that has no base reference), ``tokenizer/``. It loads
+strictly: a model key may be absent from ``model.safetensors`` only when it was not trained and the recorded base
+file holds it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +37,11 @@ __all__ = ["BaseWeights", "build_model", "load_strict", "save_checkpoint", "load
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-COMPONENT_PREFIXES = {"vision": "vision.", "language": "llm.", "sam2": "segmenter.sam."}
+# Where each base-weight component sits in our model's state dict (the LM inside peft's wrapper).
+COMPONENT_PREFIXES = {"vision": "vision.", "language": "llm.base_model.model.", "sam2": "segmenter.sam."}
+# peft inserts these into the keys of the layers it wraps (``q_proj.base_layer.weight``,
+# ``embed_tokens.token_adapter.base_layer.weight``); the base file has the plain keys.
+PEFT_WRAPPERS = re.compile(r"\.(?:token_adapter|base_layer)(?=\.)")
 # Paper Table 8 (millions of parameters), for `medvlsam2 doctor --preset paper`.
 PAPER_TABLE_M = {"vision": 198.05, "projector": 7.09, "language": 3390.0, "segmentation": 224.43}
 
@@ -43,23 +50,33 @@ class BaseWeights(dict):
     """Local paths of pretrained weights: keys ``vision`` (M3D-CLIP .bin), ``language`` (folder), ``sam2`` (.pt)."""
 
 
+def _named(label: str, items: list[str]) -> str:
+    """``"2 missing keys: a, b"`` (the first five names)."""
+    return f"{len(items)} {label}: {', '.join(items[:5])}{' …' if len(items) > 5 else ''}"
+
+
+def _key_problems(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], may_lack: frozenset[str] = frozenset()
+) -> str:
+    """Why ``state`` does not fit a module whose state dict is ``own`` (missing keys other than ``may_lack``,
+    unexpected keys, wrong shapes), or ``""`` when it fits."""
+    missing = sorted(set(own) - set(state) - may_lack)
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]  # fmt: skip
+    labelled = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes))
+    return "; ".join(_named(label, items) for label, items in labelled if items)
+
+
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``module`` requiring the same keys and shapes.
 
     Raises:
         WeightsError: naming missing keys, unexpected keys and shape mismatches (first few of each).
     """
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]  # fmt: skip
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
-            if items:
-                parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{' …' if len(items) > 5 else ''}")
-        raise WeightsError(f"{source}: does not match the model ({'; '.join(parts)}). Check the file and the preset.")
+    problems = _key_problems(module.state_dict(), state)
+    if problems:
+        raise WeightsError(f"{source}: does not match the model ({problems}). Check the file and the preset.")
     module.load_state_dict(state, strict=True)
 
 
@@ -84,22 +101,66 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _qwen2_arguments(llm_config: dict[str, Any], source: Path) -> dict[str, Any]:
+    """``Qwen2Config`` arguments from an InternVL ``llm_config``: remote-code entries dropped, and FlashAttention-2
+    (InternVL2.5-4B's config asks for it as ``_attn_implementation``) replaced by sdpa where ``flash-attn`` cannot run.
+
+    Raises:
+        WeightsError: the LM is not a Qwen2 (InternVL2.5-2B/8B/26B carry InternLM2).
+    """
+    from transformers.utils import is_flash_attn_2_available
+
+    arguments = {k: v for k, v in llm_config.items() if k not in ("architectures", "auto_map")}
+    if arguments.get("model_type", "qwen2") != "qwen2":
+        raise WeightsError(
+            f"{source}: llm_config.model_type is {arguments['model_type']!r}; MedVL-SAM2 needs a Qwen2 LM "
+            "(InternVL2.5-1B, -4B, -38B or -78B)."
+        )
+    spellings = [arguments.pop(k) for k in ("_attn_implementation", "attn_implementation") if k in arguments]
+    attention = next((a for a in spellings if a), None)
+    if attention == "flash_attention_2" and not is_flash_attn_2_available():
+        logger.info(
+            "%s: llm_config asks for flash_attention_2, which cannot run here (no flash-attn); using sdpa.", source
+        )
+        attention = "sdpa"
+    if attention:
+        arguments["attn_implementation"] = attention
+    return arguments
+
+
+def _load_hugging_face_folder(folder: Path, dtype: torch.dtype) -> Any:
+    """``AutoModelForCausalLM`` from a local folder, refusing weights that leave parameters uninitialised."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(folder), local_files_only=True, trust_remote_code=False, dtype=dtype, output_loading_info=True
+    )
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise WeightsError(f"{folder}: {_named('missing keys', missing)}; its weights do not cover the model.")
+    return model
+
+
 def load_language_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from an InternVL2.5 folder (``llm_config`` + ``language_model.`` keys) or any
-    local HF causal-LM folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    local HF causal-LM folder. The LM is tied or untied as its config says (InternVL2.5-4B: untied).
+
+    Raises:
+        WeightsError: no config, no language tensors, a non-Qwen2 ``llm_config``, or keys that do not fit.
+    """
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightsError(f"{folder}: no config.json; give an InternVL2.5 or Hugging Face model folder.")
     config = json.loads(config_path.read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True) if _has_tokenizer(folder) else None
+    tokenizer = None
+    if _has_tokenizer(folder):  # no remote code: InternVL's auto_map would otherwise make transformers ask on stdin
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if "llm_config" not in config:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-        return model, tokenizer
-    llm_config = {k: v for k, v in config["llm_config"].items() if k not in ("architectures", "auto_map")}
-    qwen = Qwen2Config(**llm_config)
+        return _load_hugging_face_folder(folder, dtype), tokenizer
+    qwen = Qwen2Config(**_qwen2_arguments(config["llm_config"], config_path))
     with torch.device("meta"):
         model = Qwen2ForCausalLM(qwen)
     prefix = "language_model."
@@ -120,17 +181,15 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
-def build_model(config: ModelConfig, base: BaseWeights | dict | None = None) -> MedVLSAM2Model:
-    """Build the model; components named in ``base`` load their pretrained weights, the rest start random.
-
-    Raises:
-        WeightsError: a base file is missing, unreadable, or does not fit the configured geometry.
-    """
-    base = BaseWeights(base or {})
+def _build(config: ModelConfig, base: dict) -> tuple[MedVLSAM2Model, dict[str, set[str]]]:
+    """The model, and per component loaded from ``base`` the keys its file provided (in the file's names)."""
     config = ModelConfig.from_dict(config.to_dict())  # a copy: the caller's config is not modified
     tokenizer = language_model = None
+    provided: dict[str, set[str]] = {}
     if base.get("language"):
         language_model, tokenizer = load_language_model(base["language"])
+        provided["language"] = set(language_model.state_dict())
+        config.language.tie_word_embeddings = bool(language_model.config.tie_word_embeddings)  # the folder decides
         if tokenizer is not None:
             from .language import build_tokenizer
 
@@ -138,13 +197,40 @@ def build_model(config: ModelConfig, base: BaseWeights | dict | None = None) -> 
             tokenizer = build_tokenizer(config.language.tokenizer)
     model = MedVLSAM2Model(config, tokenizer=tokenizer, language_model=language_model)
     if base.get("vision"):
-        load_strict(model.vision, _torch_load(Path(base["vision"])), str(base["vision"]))
+        state = _torch_load(Path(base["vision"]))
+        load_strict(model.vision, state, str(base["vision"]))
+        provided["vision"] = set(state)
     if base.get("sam2"):
         checkpoint = _torch_load(Path(base["sam2"]))
         if not isinstance(checkpoint, dict) or "model" not in checkpoint:
             raise WeightsError(f"{base['sam2']}: expected a SAM2 checkpoint with a 'model' entry.")
         load_strict(model.segmenter.sam, checkpoint["model"], str(base["sam2"]))
-    return model
+        provided["sam2"] = set(checkpoint["model"])
+    return model, provided
+
+
+def build_model(config: ModelConfig, base: BaseWeights | dict | None = None) -> MedVLSAM2Model:
+    """Build the model; components named in ``base`` load their pretrained weights, the rest start random.
+
+    Raises:
+        WeightsError: a base file is missing, unreadable, or does not fit the configured geometry.
+    """
+    return _build(config, BaseWeights(base or {}))[0]
+
+
+def _base_key(key: str) -> tuple[str | None, str]:
+    """``(component, key in the component's base file)`` of a model state-dict key; component ``None`` for keys
+    outside the vision encoder, the LM and SAM2."""
+    for component, prefix in COMPONENT_PREFIXES.items():
+        if key.startswith(prefix):
+            return component, PEFT_WRAPPERS.sub("", key[len(prefix) :])
+    return None, key
+
+
+def _held_by_base(key: str, provided: dict[str, set[str]]) -> bool:
+    """Whether a base file that :func:`_build` loaded holds this model key."""
+    component, name = _base_key(key)
+    return component is not None and name in provided.get(component, set())
 
 
 def _saved_keys(model: MedVLSAM2Model, base: dict[str, str]) -> list[str]:
@@ -152,7 +238,7 @@ def _saved_keys(model: MedVLSAM2Model, base: dict[str, str]) -> list[str]:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     keys = []
     for key in model.state_dict():
-        component = next((c for c, prefix in COMPONENT_PREFIXES.items() if key.startswith(prefix)), None)
+        component, _ = _base_key(key)
         adapter = "lora_" in key or "trainable_tokens" in key
         if component is None or not base.get(component) or key in trainable or adapter:
             keys.append(key)
@@ -192,10 +278,12 @@ def save_checkpoint(model: MedVLSAM2Model, folder: str | os.PathLike, base: dict
 
 
 def load_checkpoint(folder: str | os.PathLike) -> MedVLSAM2Model:
-    """Rebuild a model saved by :func:`save_checkpoint` (base files are read from their recorded paths).
+    """Rebuild a model saved by :func:`save_checkpoint` (base files are read from their recorded paths), strictly:
+    every key comes from ``model.safetensors`` unless it was not saved and a recorded base file holds it.
 
     Raises:
-        WeightsError: missing files, an unknown format, or tensors that do not fit the rebuilt model.
+        WeightsError: missing files, an unknown format, or tensors that do not fit the rebuilt model (naming the
+            missing, unexpected and misshapen keys).
     """
     from safetensors.torch import load_file
 
@@ -209,18 +297,21 @@ def load_checkpoint(folder: str | os.PathLike) -> MedVLSAM2Model:
         raise WeightsError(
             f"{folder}: checkpoint format {meta.get('format')!r}, this version reads {CHECKPOINT_FORMAT}."
         )
+    meta["config"].get("language", {}).setdefault("tie_word_embeddings", True)  # saved before the field: all tied
     config = ModelConfig.from_dict(meta["config"])
     if (folder / "tokenizer").is_dir():
         config.language.tokenizer = str(folder / "tokenizer")
-    model = build_model(config, meta.get("base_weights") or {})
+    base = BaseWeights(meta.get("base_weights") or {})
+    model, provided = _build(config, base)
     saved = load_file(str(weights_path))
     own = model.state_dict()
-    expected = set(meta.get("tensors", []))  # what was trainable when it was saved
-    unexpected, missing = sorted(set(saved) - set(own)), sorted(expected - set(saved))
-    if unexpected or missing:
+    listed = set(meta.get("tensors", []))  # what was saved, the trained tensors among them: the base's are stale
+    from_base = frozenset(k for k in own if k not in listed and _held_by_base(k, provided))
+    problems = _key_problems(own, saved, may_lack=from_base)
+    if problems:
         raise WeightsError(
-            f"{weights_path}: {len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}) and {len(missing)} "
-            f"missing keys ({', '.join(missing[:5])}) for the model its config.json describes."
+            f"{weights_path}: does not fit the model its config.json describes ({problems}); only keys that the "
+            f"base weights {sorted(base)} hold and that were not trained may be left out."
         )
     model.load_state_dict(saved, strict=False)
     return model
