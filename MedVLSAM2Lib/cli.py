@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--volume", help="another CT volume instead of the packaged one")
     demo.add_argument("--segmentation", help="a .seg.nrrd on the volume's grid (needed with --volume)")
     demo.add_argument("--weights", help="run this trained checkpoint instead of fine-tuning the tiny preset")
-    demo.add_argument("--steps", type=int, help="fine-tuning steps (default: 700)")
+    demo.add_argument("--steps", type=int, help="fine-tuning steps (default: DEFAULT_STEPS in demo.py)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     demo.add_argument("--seed", type=int, default=0, help="random seed for training and prompt synthesis")
     demo.set_defaults(run=_demo)

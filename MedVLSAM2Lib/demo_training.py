@@ -34,6 +34,7 @@ __all__ = [
     "demo_terms_path",
     "write_corpus",
     "fine_tune",
+    "phase_steps",
     "lung_question",
     "measurements",
 ]
@@ -41,7 +42,8 @@ __all__ = [
 DEMO_STRUCTURES = ("right lung", "left lung")
 VOLUME_NAME = "demo_ct"
 FAST = 1e-3
-# The recipe, in five phases taking these shares of the steps (measured on 2 CPU cores):
+# The recipe, in five phases of these steps (the default fine-tune, ``demo.DEFAULT_STEPS``, is their sum; another
+# length scales them all). Measured on 2 CPU cores:
 # 1. text (stage 2, fast): the report and the choice answer; cheap steps (no SAM2 pass).
 # 2. lungs by name (stage 3): the decoder first learns "a lung" for either name (Dice ~0.6 for each, both lungs
 #    in every mask) and stays there until it tells the two sides apart: 150-200 steps on every CPU kernel
@@ -52,7 +54,8 @@ FAST = 1e-3
 # 3. every task (cosine decay): referring and interactive samples join.
 # 4. points on one slice: SAM2's prompt path (random, unlike SAM2.1's) learns to follow three points on the
 #    slice they are on. The language side is frozen: while the [SEG] state moved, the decoder kept following it
-#    and ignored the points. A step sees one slice, so it is cheap.
+#    and ignored the points. A step sees one slice, so it is cheap. Named lungs are rehearsed: without them the
+#    decoder drifted from the names (left lung by name 0.71 under the generic kernels, one thread).
 # 5. points through the volume: SAM2's memory path learns to carry the prompted slice's mask to the slices
 #    around it. Each sample asks for both lungs with the same generic question, so the [SEG] state cannot tell
 #    them apart and only the points and the memory can: asked for one lung at a time, the tracked slices kept
@@ -67,16 +70,16 @@ LANGUAGE_SIDE = ["vision", "projector", "lora", "seg_projector"]
 PROMPTS_ONLY = {"stage": 3, "lr": FAST, "frozen_parts": LANGUAGE_SIDE, "prompt_only_share": 1.0,
                 "interactive_objects": 2}  # fmt: skip
 PHASES = (
-    ("reports and answers", 0.06, {"stage": 2, "lr": FAST, "task_weights": {"report": 1.0, "vqa": 1.0}}),
-    ("lungs by name", 0.365, {**SEGMENTATION, "schedule": "constant",
-                              "task_weights": {"semantic": 1.0, "report": 0.3, "vqa": 0.1}}),
-    ("every task", 0.185, {**SEGMENTATION, "task_weights": {"semantic": 1.0, "referring": 1.0, "interactive": 1.0,
-                                                            "report": 0.5, "vqa": 0.2}}),
-    ("points on one slice", 0.13, {**PROMPTS_ONLY, "schedule": "constant", "slice_window": 1, "point_share": 1.0,
-                                   "task_weights": {"interactive": 1.0}}),
-    ("points through the volume", 0.26, {**PROMPTS_ONLY, "train_sam_memory": True, "slice_window": 4,
-                                         "point_share": 0.75,
-                                         "task_weights": {"interactive": 2.0, "semantic": 1.0, "referring": 0.5}}),
+    ("reports and answers", 70, {"stage": 2, "lr": FAST, "task_weights": {"report": 1.0, "vqa": 1.0}}),
+    ("lungs by name", 420, {**SEGMENTATION, "schedule": "constant",
+                            "task_weights": {"semantic": 1.0, "report": 0.3, "vqa": 0.1}}),
+    ("every task", 210, {**SEGMENTATION, "task_weights": {"semantic": 1.0, "referring": 1.0, "interactive": 1.0,
+                                                          "report": 0.5, "vqa": 0.2}}),
+    ("points on one slice", 150, {**PROMPTS_ONLY, "schedule": "constant", "slice_window": 1, "point_share": 1.0,
+                                  "task_weights": {"interactive": 1.0, "semantic": 0.5}}),
+    ("points through the volume", 300, {**PROMPTS_ONLY, "train_sam_memory": True, "slice_window": 4,
+                                        "point_share": 0.75,
+                                        "task_weights": {"interactive": 2.0, "semantic": 1.0, "referring": 0.5}}),
 )  # fmt: skip
 
 
@@ -137,19 +140,27 @@ def write_corpus(volume: Volume, segmentation: Segmentation, folder: Path) -> De
     return DemoCorpus(folder / "cache", reports_csv, vqa_json, demo_terms_path(), report, lung_question(), answer)
 
 
+def phase_steps(steps: int) -> list[int]:
+    """Steps of each phase in a fine-tune of ``steps`` in all: :data:`PHASES`' counts scaled, each at least one."""
+    if steps < len(PHASES):
+        raise InputError(f"fine-tuning steps must be >= {len(PHASES)}, got {steps}.")
+    ends = np.cumsum([count for _, count, _ in PHASES])
+    bounds = [round(float(end) * steps / float(ends[-1])) for end in ends]
+    counts = [max(1, b - a) for a, b in zip([0, *bounds], bounds, strict=True)]
+    counts[counts.index(max(counts))] -= sum(counts) - steps
+    return counts
+
+
 def fine_tune(corpus: DemoCorpus, output: Path, steps: int, seed: int = 0,
               on_step: Callable[[int, int, dict], None] | None = None,
               on_phase: Callable[[str], None] | None = None) -> Path:  # fmt: skip
     """Train the tiny preset for ``steps`` optimiser steps in all on the corpus (:data:`PHASES`); returns the
     final checkpoint. ``metrics.csv`` in ``output`` holds the curves of every phase, steps numbered throughout.
     ``on_step(step, steps, metrics)`` follows every step, ``on_phase(message)`` announces each phase."""
-    if steps < len(PHASES):
-        raise InputError(f"fine-tuning steps must be >= {len(PHASES)}, got {steps}.")
     sources = {"text_cache": str(corpus.cache), "seg_cache": str(corpus.cache), "reports_csv": str(corpus.reports_csv),
                "vqa_json": str(corpus.vqa_json), "term_dictionary": str(corpus.terms)}  # fmt: skip
     done, checkpoint, rows = 0, None, []
-    for n, (name, share, settings) in enumerate(PHASES):
-        count = steps - done if n == len(PHASES) - 1 else max(1, round(share * steps))
+    for n, ((name, _, settings), count) in enumerate(zip(PHASES, phase_steps(steps), strict=True)):
         if on_phase:
             on_phase(f"fine-tune phase {n + 1}/{len(PHASES)}: {name} (steps {done + 1}-{done + count} of {steps})")
         run = output / f"phase{n + 1}"

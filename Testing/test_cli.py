@@ -18,7 +18,8 @@ from PIL import Image
 
 from MedVLSAM2Lib.cli import main
 from MedVLSAM2Lib.demo import DEFAULT_STEPS, DICE_NEEDED, default_inputs
-from MedVLSAM2Lib.demo_training import PHASES
+from MedVLSAM2Lib.demo_training import PHASES, phase_steps
+from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.metrics import dice
 from MedVLSAM2Lib.segmentation import read_segmentation
 from MedVLSAM2Lib.volume import read_volume, write_volume
@@ -80,6 +81,15 @@ def test_demo_progress_shows_in_a_log(demo):
     assert len(steps) == 10 and steps[-1].startswith(f"fine-tune  step {DEFAULT_STEPS}/{DEFAULT_STEPS}  loss ")
     assert all(" left" in line and "elapsed" in line for line in steps)
     assert lines[0].startswith("preparing the training corpus") and lines[-1].startswith("running every task")
+
+
+def test_demo_phases_split_any_length_and_the_default_is_their_sum():
+    assert phase_steps(DEFAULT_STEPS) == [count for _, count, _ in PHASES]
+    for steps in (len(PHASES), 37, 700, 2000):
+        counts = phase_steps(steps)
+        assert sum(counts) == steps and min(counts) >= 1, (steps, counts)
+    with pytest.raises(InputError, match="fine-tuning steps must be >= 5"):
+        phase_steps(4)
 
 
 def test_readme_demo_block_shows_the_thresholds_the_test_asserts():
