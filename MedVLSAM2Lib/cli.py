@@ -343,9 +343,9 @@ def _prepare(args: argparse.Namespace) -> int:
             bar.set_postfix_str(name)
             bar.refresh()
 
-        window = None if args.dataset == "m3dseg" else config.segmenter.window  # M3D-Seg images are z-scored, not HU
-        entries = prepare(items, args.destination, GridConfig(spatial_size=config.vision.img_size), window,
-                          workers=args.workers, on_progress=progress)  # fmt: skip
+        grid = GridConfig(spatial_size=config.vision.img_size)
+        entries = prepare(items, args.destination, grid, config.segmenter.window, workers=args.workers,
+                          on_progress=progress)  # fmt: skip
     print(f"prepared    {len(entries)} volumes in {args.destination} (grid {config.vision.img_size})")
     return 0
 

@@ -34,7 +34,7 @@ from .config import PRESETS, preset
 from .errors import CapacityError, InputError, WeightsError
 from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import MedVLSAM2Model, SegTarget
-from .preprocess import GridConfig, GridRecord, probabilities_from_model, to_model
+from .preprocess import INTENSITIES, GridConfig, GridRecord, probabilities_from_model, sam_input, to_model
 from .prompts import BoxPrompt, PointPrompt
 from .results import Answer, ObjectMask, Report, SegmentResult
 from .templates import SEG_TOKEN, load_templates, vqa_question
@@ -52,9 +52,6 @@ PRESET_SEED = 0
 SEGMENT_TOKENS = 48
 # A CT in Hounsfield units spans air (about -1000) to bone (hundreds); these bounds reject images that are not.
 CT_MIN_RANGE_HU = 200.0
-# "hu": Hounsfield units (SAM2 sees the HU window); "normalized": already rescaled, e.g. M3D-Seg's z-scores (SAM2
-# sees the same per-volume min-max image as the ViT, as in training on such data).
-INTENSITIES = ("hu", "normalized")
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,7 @@ class _Encoded:
 
     record: GridRecord
     image: torch.Tensor  # (1, 1, D, H, W) ViT input
-    sam_image: torch.Tensor  # (1, D, H, W) windowed, SAM2 input
+    sam_image: torch.Tensor  # (1, D, H, W) SAM2 input (preprocess.sam_input)
     visual: torch.Tensor  # (1, out_tokens, d_llm)
     features: dict | None = None  # SAM2 image features, filled on the first segmentation
 
@@ -271,11 +268,7 @@ class InferenceEngine:
         config = self.model.config
         grid = GridConfig(spatial_size=config.vision.img_size)
         image, record = to_model(handle.volume, grid)
-        if handle.intensity == "hu":
-            windowed = GridConfig(spatial_size=grid.spatial_size, intensity="window", window=config.segmenter.window)
-            sam_image, _ = to_model(handle.volume, windowed)
-        else:
-            sam_image = image
+        sam_image = sam_input(handle.volume, grid, config.segmenter.window, handle.intensity)
         image_t = torch.from_numpy(image)[None, None].to(self.device)
         with self._capacity("encoding the volume"), torch.inference_mode(), self._autocast():
             visual = self.model.visual_tokens(image_t.to(self.dtype))

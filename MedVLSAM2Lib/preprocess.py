@@ -15,6 +15,10 @@ The forward transform, in order (each step recorded in a JSON-serialisable :clas
    does through ``torch.nn.functional.interpolate``;
    a test checks equality with MONAI).
 
+SAM2 sees another image on the same grid: :func:`sam_input`, the one definition used by training caches, the
+engine (and so the CLI, server, Slicer and evaluation): the HU window of the segmenter config, for HU volumes
+and for already normalised ones (M3D-Seg), whose HU scale is first estimated from their fat and soft-tissue peaks.
+
 Coordinates map as ``x_model = (x_crop + 0.5) · n_model / n_crop − 0.5`` per axis, which is exactly
 invertible; masks are inverted with nearest-exact sampling and zero padding outside the crop. Model
 coordinates are given in the order ``(w, h, d)`` = canonical ``(i, j, k)``, like every other IJK
@@ -35,11 +39,31 @@ from .errors import InputError
 from .prompts import BoxPrompt, PointPrompt, check_prompts_inside
 from .volume import Volume, orientation_transform, reorient_points
 
-__all__ = ["GridConfig", "GridRecord", "to_model", "mask_to_model", "mask_from_model", "probabilities_from_model"]
+__all__ = [
+    "INTENSITIES",
+    "GridConfig",
+    "GridRecord",
+    "to_model",
+    "sam_input",
+    "hu_from_normalized",
+    "mask_to_model",
+    "mask_from_model",
+    "probabilities_from_model",
+]
 
 logger = logging.getLogger(__name__)
 
 CANONICAL_AXCODES = "LPS"
+# How a volume's voxel values are given: "hu" (Hounsfield units) or "normalized" (an affine rescaling of HU, clipped
+# at the extremes at most: M3D-Seg's z-scores, min-max images).
+INTENSITIES = ("hu", "normalized")
+# Textbook CT numbers of the two tissues whose histogram peaks every body CT shows; they pin the HU scale of
+# normalised data (measured peaks on the real CTs in ../shared/data: fat -106..-81, soft tissue 23..90).
+FAT_HU = -100.0
+SOFT_TISSUE_HU = 40.0
+PEAK_BINS = 400  # histogram bins over the 0.5..99.5 percentiles of the voxels above the floor
+PEAK_SMOOTHING = 3.0  # Gaussian sigma of the histogram smoothing, in bins
+PEAK_SEPARATION = 0.25  # fat and soft-tissue peaks lie at least this many standard deviations apart
 
 
 @dataclass
@@ -222,6 +246,71 @@ def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarr
     )
     logger.debug("model grid: crop %s..%s of canonical %s", start, stop, canonical.shape)
     return image.astype(np.float32, copy=False), record
+
+
+def _histogram_peaks(values: np.ndarray) -> list[tuple[float, float]]:
+    """Local maxima ``(value, height)`` of the smoothed histogram of ``values``, highest first."""
+    low, high = np.percentile(values, [0.5, 99.5])
+    counts, edges = np.histogram(values, bins=PEAK_BINS, range=(float(low), float(high)))
+    offsets = np.arange(-4 * PEAK_SMOOTHING, 4 * PEAK_SMOOTHING + 1)
+    kernel = np.exp(-0.5 * (offsets / PEAK_SMOOTHING) ** 2)
+    smooth = np.convolve(counts.astype(float), kernel / kernel.sum(), mode="same")
+    centres = (edges[1:] + edges[:-1]) / 2
+    inner = np.nonzero((smooth[1:-1] >= smooth[:-2]) & (smooth[1:-1] > smooth[2:]))[0] + 1
+    return sorted(((float(centres[i]), float(smooth[i])) for i in inner), key=lambda peak: -peak[1])
+
+
+def hu_from_normalized(array: np.ndarray, where: str = "volume") -> np.ndarray:
+    """Estimated Hounsfield units of a CT stored as an affine rescaling of HU (M3D-Seg's z-scores, min-max images).
+
+    M3D-Seg keeps no HU: ``image.npy`` is SegVol's foreground normalisation (voxels above the volume mean define
+    the foreground; clip to its 0.05..99.95 percentiles, z-score with its mean and standard deviation), and both
+    the mean and the deviation vary per volume (-231..130 HU and 87..400 HU on the CTs in ``../shared/data``).
+    What survives any affine rescaling is the histogram's shape, so the scale is pinned on two tissue peaks: the
+    two highest peaks of the voxels above the clipped floor, at least ``PEAK_SEPARATION`` standard deviations
+    apart, become fat (``FAT_HU``) and soft tissue (``SOFT_TISSUE_HU``). Residual error: how far a volume's own
+    peaks sit from those textbook values: on the five real CTs in ``../shared/data`` the estimate is 0.82-1.05
+    times the true HU scale and off by up to 34 HU at 0 HU. A volume whose two highest peaks are other tissues
+    (a chest CT dominated by lung) is mapped wrongly.
+
+    Raises:
+        InputError: fewer than two separate histogram peaks (no fat and soft tissue to calibrate on).
+    """
+    values = np.asarray(array, dtype=np.float64)
+    body = values[values > values.min()]
+    peaks = _histogram_peaks(body) if body.size else []
+    separation = PEAK_SEPARATION * float(body.std()) if body.size else 0.0
+    first = peaks[0][0] if peaks else 0.0
+    others = [value for value, _ in peaks[1:] if abs(value - first) >= separation]
+    if not others:
+        raise InputError(
+            f"{where}: its intensity histogram shows no separate fat and soft-tissue peaks, so its HU scale cannot"
+            " be estimated; give the volume in Hounsfield units (intensity 'hu')."
+        )
+    fat, tissue = sorted((first, others[0]))
+    scale = (SOFT_TISSUE_HU - FAT_HU) / (tissue - fat)
+    return (FAT_HU + (values - fat) * scale).astype(np.float32)
+
+
+def sam_input(volume: Volume, grid: GridConfig, window: tuple[float, float], intensity: str = "hu") -> np.ndarray:
+    """SAM2's input image ``(D, H, W)`` float32 in [0, 1] on the model grid of ``to_model(volume, grid)``.
+
+    The one definition of what SAM2 sees, in training caches and at inference alike: the volume clipped to the
+    HU ``window`` (the segmenter config's) and scaled to [0, 1]. ``intensity="normalized"`` data (M3D-Seg) is first
+    put back on an estimated HU scale by :func:`hu_from_normalized`; its crop is unchanged (an increasing affine
+    map keeps the voxels above the minimum), so both images share one grid record.
+
+    Raises:
+        InputError: unknown ``intensity``; see also :func:`to_model` and :func:`hu_from_normalized`.
+    """
+    if intensity not in INTENSITIES:
+        raise InputError(f"unknown intensity {intensity!r}; choose one of {list(INTENSITIES)}.")
+    if intensity == "normalized":
+        where = volume.metadata.get("source_path", "volume")
+        volume = volume.with_array(hu_from_normalized(volume.array, where))
+    windowed = GridConfig(spatial_size=grid.spatial_size, crop_foreground=grid.crop_foreground,
+                          intensity="window", window=window)  # fmt: skip
+    return to_model(volume, windowed)[0]
 
 
 def _check_shape(array: np.ndarray, expected: tuple[int, ...], what: str) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from MedVLSAM2Lib.metrics import dice
-from MedVLSAM2Lib.preprocess import GridConfig, probabilities_from_model, to_model
+from MedVLSAM2Lib.preprocess import GridConfig, probabilities_from_model, sam_input, to_model
 from MedVLSAM2Lib.volume import Volume
 
 
@@ -17,9 +17,9 @@ def segmentation_question(organ: str) -> str:
 
 def model_inputs(model, ct: Volume):  # noqa: ANN001, ANN201
     """(ViT image, SAM2 slices, grid record) of ``ct`` on the model's grid."""
-    grid = model.config.vision.img_size
-    image, record = to_model(ct, GridConfig(spatial_size=grid))
-    windowed, _ = to_model(ct, GridConfig(spatial_size=grid, intensity="window", window=model.config.segmenter.window))
+    grid = GridConfig(spatial_size=model.config.vision.img_size)
+    image, record = to_model(ct, grid)
+    windowed = sam_input(ct, grid, model.config.segmenter.window)
     return torch.from_numpy(image)[None], torch.from_numpy(windowed), record
 
 

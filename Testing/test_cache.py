@@ -13,7 +13,7 @@ from MedVLSAM2Lib.data.cache import CacheItem, VolumeCache, prepare
 from MedVLSAM2Lib.data.ctrate import cache_items as ctrate_items
 from MedVLSAM2Lib.data.m3dseg import M3DSegDataset
 from MedVLSAM2Lib.errors import InputError
-from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, to_model
+from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, sam_input, to_model
 from MedVLSAM2Lib.volume import read_volume, write_volume
 
 pytestmark = pytest.mark.realdata
@@ -67,6 +67,14 @@ def test_corrupt_cached_file_is_named_before_training(subject_a, total_labels, t
         VolumeCache(tmp_path / "cache").verify()
 
 
+def test_a_cache_from_before_the_one_sam2_input_is_refused(subject_a, total_labels, tmp_path):
+    prepare(_subject_items(subject_a, total_labels)[:1], tmp_path / "cache", GRID, WINDOW)
+    index = tmp_path / "cache" / "index.json"
+    index.write_text(index.read_text().replace('"sam_window": [', '"old_window": ['))
+    with pytest.raises(InputError, match="no 'sam_window'.*prepare` again into a new folder"):
+        VolumeCache(tmp_path / "cache")
+
+
 def test_prepare_command_converts_the_m3d_seg_case(data_dir, tmp_path, capsys):
     root = data_dir / "m3d" / "m3d_seg_format_demo"
     args = ["prepare", "m3dseg", str(root), str(tmp_path / "cache"), "--code", "demo_totalseg", "--preset", "tiny"]
@@ -75,9 +83,10 @@ def test_prepare_command_converts_the_m3d_seg_case(data_dir, tmp_path, capsys):
     cached = VolumeCache(tmp_path / "cache").load("demo_totalseg_example_ct_sm")
     case = next(M3DSegDataset(root, "demo_totalseg").cases())
     assert cached.masks.shape == (117, 16, 64, 64) and len(cached.categories) == 117
-    np.testing.assert_array_equal(cached.sam_image, cached.image)  # z-scored data: no HU window
     expected, _ = to_model(case.to_volume(), GRID)
     np.testing.assert_array_equal(cached.image, expected)
+    # SAM2 sees the HU window of the z-scores put back on an estimated HU scale, as at inference
+    np.testing.assert_array_equal(cached.sam_image, sam_input(case.to_volume(), GRID, WINDOW, "normalized"))
     assert main(["prepare", "m3dseg", str(root), str(tmp_path / "other")]) == 2  # --code is required
 
 

@@ -12,7 +12,7 @@ from MedVLSAM2Lib.demo import default_inputs
 from MedVLSAM2Lib.engine import InferenceEngine, _labels, _split_report, segmentation_question
 from MedVLSAM2Lib.errors import CapacityError, InputError
 from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
-from MedVLSAM2Lib.preprocess import mask_to_model
+from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, sam_input
 from MedVLSAM2Lib.prompts import BoxPrompt, PointPrompt
 from MedVLSAM2Lib.volume import Volume, read_volume
 
@@ -89,6 +89,16 @@ def test_a_box_in_the_inputs_ijk_prompts_the_model_grid_slice_that_holds_it(engi
     assert corners[0] == pytest.approx([cols.min(), rows.min()], abs=1.0)
     assert corners[1] == pytest.approx([cols.max(), rows.max()], abs=1.0)
     assert prompts[z].labels.tolist() == [[2, 3]]
+
+
+def test_sam2_sees_preprocess_sam_input_for_hu_and_normalized_volumes(engine, ct_files):
+    volume = read_volume(ct_files["nifti"])
+    z_scored = volume.with_array(((volume.array - volume.array.mean()) / volume.array.std()).astype(np.float32))
+    grid = GridConfig(spatial_size=engine.model.config.vision.img_size)
+    for given, intensity in ((volume, "hu"), (z_scored, "normalized")):
+        entry = engine._entry(engine.encode(given, intensity))
+        expected = sam_input(given, grid, engine.model.config.segmenter.window, intensity)
+        assert entry.sam_image[0].cpu().numpy().tobytes() == expected.tobytes()
 
 
 def test_the_encoders_run_once_per_volume(engine, ct_files, monkeypatch):

@@ -3,9 +3,9 @@
 Layout of a cache folder::
 
     index.json            {"format", "grid": GridConfig, "sam_window", "entries": {name: entry}}
-    volumes/<name>.npz    image (D,H,W) float32 [0,1]; sam_image (D,H,W) float32 [0,1] (compressed, and
-                          exactly the foundation's tensors); masks (C,D,H,W) bit-packed (optional);
-                          record: GridRecord JSON
+    volumes/<name>.npz    image (D,H,W) float32 [0,1]; sam_image (D,H,W) float32 [0,1], SAM2's input from
+                          ``preprocess.sam_input`` (compressed, and exactly the foundation's tensors);
+                          masks (C,D,H,W) bit-packed (optional); record: GridRecord JSON
 
 Each entry holds the file's SHA-256, its categories and which of them are present. Volume files are written
 atomically; the index is rewritten after every finished volume, so an interrupted ``prepare`` resumes where
@@ -28,7 +28,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..jsonfile import read_json
-from ..preprocess import GridConfig, GridRecord, mask_to_model, to_model
+from ..preprocess import GridConfig, GridRecord, mask_to_model, sam_input, to_model
 from ..volume import Volume
 
 __all__ = ["CacheItem", "CachedVolume", "VolumeCache", "write_item", "prepare"]
@@ -38,10 +38,12 @@ CACHE_FORMAT = 1
 
 @dataclass
 class CacheItem:
-    """One volume to convert: a name, a loader returning ``(volume, {category: mask KJI} or None)``."""
+    """One volume to convert: a name, a loader returning ``(volume, {category: mask KJI} or None)``, and how its
+    voxel values are given (``preprocess.INTENSITIES``: ``"hu"``, or ``"normalized"`` for M3D-Seg)."""
 
     name: str
     load: Callable[[], tuple[Volume, dict[str, np.ndarray] | None]]
+    intensity: str = "hu"
 
 
 @dataclass
@@ -64,19 +66,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_item(item: CacheItem, folder: Path, grid: GridConfig, sam_window: tuple[float, float] | None) -> dict:
+def write_item(item: CacheItem, folder: Path, grid: GridConfig, sam_window: tuple[float, float]) -> dict:
     """Convert one volume and write ``volumes/<name>.npz`` atomically; returns its index entry.
 
-    ``sam_window`` is the HU window of the SAM2 slices; ``None`` (data not in HU, e.g. M3D-Seg's z-scored
-    images) reuses the min-max image.
+    ``sam_window`` is the HU window of the SAM2 slices (see :func:`~MedVLSAM2Lib.preprocess.sam_input`).
     """
     volume, masks = item.load()
     image, record = to_model(volume, grid)
-    sam_image = image
-    if sam_window is not None:
-        windowed_grid = GridConfig(spatial_size=grid.spatial_size, crop_foreground=grid.crop_foreground,
-                                   intensity="window", window=sam_window)  # fmt: skip
-        sam_image, _ = to_model(volume, windowed_grid)
+    sam_image = sam_input(volume, grid, sam_window, item.intensity)
     arrays = {"image": image, "sam_image": sam_image,
               "record": np.frombuffer(json.dumps(record.to_dict()).encode(), dtype=np.uint8)}  # fmt: skip
     categories = list(masks) if masks else []
@@ -100,7 +97,7 @@ def prepare(
     items: Iterable[CacheItem],
     folder: str | os.PathLike,
     grid: GridConfig,
-    sam_window: tuple[float, float] | None,
+    sam_window: tuple[float, float],
     *,
     workers: int = 1,
     on_progress: Callable[[int, int, str], None] | None = None,
@@ -111,7 +108,7 @@ def prepare(
         items: volumes to convert (names must be unique).
         folder: the cache folder (created if missing).
         grid: model grid settings; must equal those of an existing cache.
-        sam_window: HU window of the SAM2 slices (``None``: data not in HU, reuse the min-max image).
+        sam_window: HU window of the SAM2 slices, for HU and normalised items alike (the segmenter config's).
         workers: parallel worker processes (1: in this process).
         on_progress: called as ``(done, total, name)`` after each volume.
 
@@ -123,8 +120,7 @@ def prepare(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    window = list(sam_window) if sam_window is not None else None
-    header = {"format": CACHE_FORMAT, "grid": json.loads(json.dumps(asdict(grid))), "sam_window": window}
+    header = {"format": CACHE_FORMAT, "grid": json.loads(json.dumps(asdict(grid))), "sam_window": list(sam_window)}
     entries: dict[str, Any] = {}
     if (folder / "index.json").is_file():
         existing = read_json(folder / "index.json", "cache index")
@@ -170,6 +166,11 @@ class VolumeCache:
         index = read_json(self.folder / "index.json", "cache index")
         if index.get("format") != CACHE_FORMAT:
             raise InputError(f"{self.folder}: cache format {index.get('format')!r}; this version reads {CACHE_FORMAT}.")
+        if index.get("sam_window") is None:
+            raise InputError(
+                f"{self.folder}: made before SAM2's input was one image for HU and M3D-Seg data (no 'sam_window'); "
+                "run `medvlsam2 prepare` again into a new folder."
+            )
         self.grid = GridConfig(**index["grid"])
         self.entries: dict[str, Any] = index["entries"]
 

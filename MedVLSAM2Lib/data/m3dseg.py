@@ -154,4 +154,7 @@ def cache_items(dataset: M3DSegDataset, split: str = "train") -> list:
 
     from .cache import CacheItem
 
-    return [CacheItem(f"{dataset.code}_{case.name}", partial(_load_case, case)) for case in dataset.cases(split)]
+    return [
+        CacheItem(f"{dataset.code}_{case.name}", partial(_load_case, case), intensity="normalized")
+        for case in dataset.cases(split)
+    ]

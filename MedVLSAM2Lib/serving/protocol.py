@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError
+from ..preprocess import INTENSITIES
 from ..results import ObjectMask, SegmentResult
 from ..volume import Volume
 
@@ -49,7 +50,6 @@ MAGIC = b"MVS1"
 MAX_HEADER_BYTES = 1 << 20
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 CODECS = ("zlib", "raw")
-INTENSITIES = ("hu", "normalized")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import CapacityError, InputError, MedVLSAM2Error, ProtocolError, SessionExpiredError, WeightsError
+from ..preprocess import INTENSITIES
 from ..prompts import BoxPrompt, PointPrompt
 from .protocol import FRAME_MEDIA_TYPE, PROTOCOL_VERSION, Limits, segment_result_to_frame, volume_from_frame
 from .sessions import SessionStore
@@ -213,7 +214,7 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
         model = described["model"]
         return {"protocol": PROTOCOL_VERSION, "version": _version(), "model": model,
                 "tasks": ["report", "ask", "segment"], "answer_kinds": ["short", "long", "choice"],
-                "intensities": ["hu", "normalized"], "sessions": len(store),
+                "intensities": list(INTENSITIES), "sessions": len(store),
                 "limits": {"max_upload_mb": settings.max_upload_mb, "max_sessions": settings.max_sessions,
                            "idle_timeout_s": settings.idle_timeout_s, "max_voxels": settings.max_voxels}}  # fmt: skip
 
