@@ -415,6 +415,8 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
 
             def done(result):
                 scene.writeResult(result, segmentationNode, volumeNode, segmentId)
+                if result.message:  # the mask came from the points or box alone
+                    self.ui.statusLabel.text = f"Segmenting: done. {result.message}"
                 self.updateSegments()
                 self.onPositivePoints(self.ui.positivePointsSelector.currentNode())  # next click: positive
 

@@ -279,13 +279,14 @@ def _segment(args: argparse.Namespace) -> int:
     data = {"question": result.question, "answer": result.answer, "output": str(output) if output else None,
             "objects": [{"label": o.label, "voxels": int(o.mask.sum()), "score": round(o.score, 4), "value": n + 1}
                         for n, o in enumerate(result.objects)],
-            "timings": {k: round(v, 3) for k, v in result.timings.items()}}  # fmt: skip
+            "timings": {k: round(v, 3) for k, v in result.timings.items()}, "from_prompts": result.from_prompts,
+            "message": result.message}  # fmt: skip
     if not result.objects:
         _emit(args, data, f"answer      {result.answer}")
-        raise InputError(f"the model answered {result.answer!r} without a mask ([SEG]); nothing written.")
+        raise InputError(f"{result.message} Nothing written.")
     if output is not None:
         _write_masks(handle.volume, result.objects, output)
-    lines = [f"answer      {result.answer}"]
+    lines = [f"answer      {result.answer}"] + ([f"note        {result.message}"] if result.message else [])
     lines += [f"mask        {o.label}: {int(o.mask.sum())} voxels, score {o.score:.3f}" for o in result.objects]
     _emit(args, data, "\n".join(lines + ([f"wrote       {output}"] if output else [])))
     return 0

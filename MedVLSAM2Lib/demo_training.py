@@ -63,8 +63,11 @@ FAST = 1e-3
 # SAM2 sees 8 consecutive slices of the 16 per sample (``slice_window``) in phases 2-3, one in phase 4 and 4 in
 # phase 5, which cuts a step's cost. Phases 4-5 train no part of the language side, so their steps run no backward
 # pass through the LLM. SAM2's slice encoder stays as initialised (it trains in the paper's recipe; see the README).
+# The interactive text shares are pinned at the values the recipe was measured with (half the interactive samples
+# named, none described), not the paper's defaults of TrainConfig: the demo's data stream stays as validated.
 COMMON = {"preset": "tiny", "objects_per_sample": 2, "phrasings": 1, "augmentation": False,
-          "samples_per_epoch": 100000, "warmup_ratio": 0.03, "slice_window": 8}  # fmt: skip
+          "samples_per_epoch": 100000, "warmup_ratio": 0.03, "slice_window": 8, "prompt_only_share": 0.5,
+          "interactive_referring_share": 0.0}  # fmt: skip
 SEGMENTATION = {"stage": 3, "lr": 1e-4, "lr_per_part": {"seg_projector": 3 * FAST, "sam_decoder": FAST, "lora": FAST}}
 LANGUAGE_SIDE = ["vision", "projector", "lora", "seg_projector"]
 PROMPTS_ONLY = {"stage": 3, "lr": FAST, "frozen_parts": LANGUAGE_SIDE, "prompt_only_share": 1.0,

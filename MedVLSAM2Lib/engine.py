@@ -40,7 +40,16 @@ from .results import Answer, ObjectMask, Report, SegmentResult
 from .templates import SEG_TOKEN, load_templates, vqa_question
 from .volume import Volume
 
-__all__ = ["InferenceEngine", "VolumeHandle", "Report", "Answer", "ObjectMask", "SegmentResult", "check_ct"]
+__all__ = [
+    "InferenceEngine",
+    "VolumeHandle",
+    "Report",
+    "Answer",
+    "ObjectMask",
+    "SegmentResult",
+    "check_ct",
+    "prompt_answer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +181,20 @@ def segmentation_question(text: str) -> str:
     if text.endswith((".", "?", "!")) or len(text.split()) > 5:
         return templates.referring_questions[0].format(text)
     return templates.semantic_questions[0].format(text)
+
+
+def prompt_answer() -> str:
+    """The answer through which points or a box segment when the generated answer has no ``[SEG]``: the first
+    semantic answer template (Figure 6's "It is [SEG].", also evaluation's ``--forced-answer``)."""
+    return load_templates().semantic_answers[0]
+
+
+def _no_seg_message(answer: str, from_prompts: bool) -> str:
+    """What the user is told when the generated ``answer`` has no ``[SEG]``."""
+    if from_prompts:
+        return (f"The model's answer has no {SEG_TOKEN} ({answer!r}); the mask comes from your points or box, "
+                f"segmented through the answer {prompt_answer()!r}.")  # fmt: skip
+    return f"The model's answer has no {SEG_TOKEN} ({answer!r}), so it made no mask."
 
 
 def _labels(text: str | None, answer: str, count: int) -> list[str]:
@@ -329,7 +352,9 @@ class InferenceEngine:
 
         The model answers the question built from ``text`` (:func:`segmentation_question`; a generic question
         when only prompts are given); each ``[SEG]`` in its answer gives one mask, the prompts steer the
-        first. ``answer`` replaces generation by a given answer (evaluating the mask path alone); it must
+        first. Points or a box always give a mask: when the generated answer has no ``[SEG]``, the prompts
+        segment through the answer template :func:`prompt_answer` and the result says so (``from_prompts``,
+        ``message``). ``answer`` replaces generation by a given answer (evaluating the mask path alone); it must
         contain ``[SEG]``. ``probabilities`` also returns each mask's probabilities (for soft Dice).
 
         Raises:
@@ -348,31 +373,49 @@ class InferenceEngine:
         if answer is None:
             prompt, answer_ids = self._generate(entry, question, (), SEGMENT_TOKENS, None)
         else:
-            prompt = self.model.prompt_ids(question)
-            answer_ids = self.model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            prompt, answer_ids = self.model.prompt_ids(question), self._token_ids(answer)
         timings["generate"] = time.perf_counter() - start - timings["encode"]
         answer_text = self._decode(answer_ids)
-        count = answer_ids.count(self.model.tokens.seg)
-        objects: list[ObjectMask] = []
-        if count:
-            mark = time.perf_counter()
-            features = self._features(entry)
-            timings["sam_encode"] = time.perf_counter() - mark
-            targets = [SegTarget(None, tuple(points_model), tuple(boxes_model))] + [SegTarget()] * (count - 1)
-            mark = time.perf_counter()
-            with self._capacity("decoding masks"), self._autocast():
-                masks = self.model.segment_answer(None, entry.sam_image, prompt, answer_ids, targets,
-                                                  visual=entry.visual, features=features)  # fmt: skip
-            model_probabilities = masks.probabilities.float().cpu().numpy()
-            scores = masks.object_scores.float().amax(dim=1).cpu().tolist()
-            labels = _labels(text, answer_text, count)
-            for label, prob, score in zip(labels, model_probabilities, scores, strict=True):
-                on_volume = probabilities_from_model(prob, entry.record)
-                kept = on_volume.astype(np.float16) if probabilities else None
-                objects.append(ObjectMask(label, (on_volume > 0.5).astype(np.uint8), float(score), kept))
-            timings["masks"] = time.perf_counter() - mark
+        has_seg = self.model.tokens.seg in answer_ids
+        from_prompts = not has_seg and bool(points or boxes)
+        message = "" if has_seg else _no_seg_message(answer_text, from_prompts)
+        if message:
+            logger.info(message)
+        mask_ids = self._token_ids(prompt_answer()) if from_prompts else answer_ids
+        prompted = SegTarget(None, tuple(points_model), tuple(boxes_model))
+        objects = self._objects(entry, prompt, mask_ids, prompted, text, probabilities, timings)
         timings["total"] = time.perf_counter() - start
-        return SegmentResult(question, answer_text, objects, handle.volume.ijk_to_ras.copy(), timings)
+        return SegmentResult(question, answer_text, objects, handle.volume.ijk_to_ras.copy(), timings,
+                             from_prompts=from_prompts, message=message)  # fmt: skip
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _objects(self, entry: _Encoded, prompt: list[int], answer_ids: list[int], prompted: SegTarget,
+                 text: str | None, probabilities: bool, timings: dict[str, float]) -> list[ObjectMask]:  # fmt: skip
+        """One mask on the volume's grid per ``[SEG]`` of ``answer_ids``: ``prompted`` (the user's points and
+        boxes) steers the first, the others have no prompts. Adds ``sam_encode`` and ``masks`` to ``timings``."""
+        count = answer_ids.count(self.model.tokens.seg)
+        if not count:
+            return []
+        mark = time.perf_counter()
+        features = self._features(entry)
+        timings["sam_encode"] = time.perf_counter() - mark
+        targets = [prompted] + [SegTarget()] * (count - 1)
+        mark = time.perf_counter()
+        with self._capacity("decoding masks"), self._autocast():
+            masks = self.model.segment_answer(None, entry.sam_image, prompt, answer_ids, targets,
+                                              visual=entry.visual, features=features)  # fmt: skip
+        model_probabilities = masks.probabilities.float().cpu().numpy()
+        scores = masks.object_scores.float().amax(dim=1).cpu().tolist()
+        objects = []
+        for label, prob, score in zip(_labels(text, self._decode(answer_ids), count), model_probabilities, scores,
+                                      strict=True):  # fmt: skip
+            on_volume = probabilities_from_model(prob, entry.record)
+            kept = on_volume.astype(np.float16) if probabilities else None
+            objects.append(ObjectMask(label, (on_volume > 0.5).astype(np.uint8), float(score), kept))
+        timings["masks"] = time.perf_counter() - mark
+        return objects
 
     def describe(self) -> dict[str, Any]:
         """Model, device and cache facts (for ``--json`` output and the server's capabilities)."""

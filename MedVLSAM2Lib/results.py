@@ -50,10 +50,17 @@ class ObjectMask:
 @dataclass
 class SegmentResult:
     """The model's answer and one :class:`ObjectMask` per ``[SEG]`` in it, on the grid of ``ijk_to_ras`` (the
-    volume's own); ``timings`` in seconds."""
+    volume's own); ``timings`` in seconds.
+
+    ``from_prompts`` is ``True`` when the generated answer had no ``[SEG]`` but points or a box were given: the
+    one mask then comes from those prompts through the answer template (see ``InferenceEngine.segment``).
+    ``message`` says so, or that no mask was made, in a sentence for the user (empty when there is nothing to say).
+    """
 
     question: str
     answer: str
     objects: list[ObjectMask]
     ijk_to_ras: np.ndarray
     timings: dict[str, float]
+    from_prompts: bool = False
+    message: str = ""

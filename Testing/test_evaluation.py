@@ -107,8 +107,9 @@ def test_recorded_dice_is_the_dice_of_the_engine_mask(seg_run, datasets, engine)
     record = next(r for r in _records(out) if r["id"] == "0011/case_full/liver/box")
     case = next(c for c in M3DSegDataset(datasets["m3d"], "0011").cases("test") if c.name == "case_full")
     volume, truth = case.to_volume(), case.mask("liver").transpose(2, 1, 0)
-    box = record["prompt"]["boxes"][0]
-    result = engine.segment(engine.encode(volume, intensity="normalized"), None, (),
+    box, text = record["prompt"]["boxes"][0], record["prompt"]["text"]  # Table 5: the referring text plus the box
+    assert record["prompt"]["text_kind"] == "referring" and record["prompt"]["description"] in text
+    result = engine.segment(engine.encode(volume, intensity="normalized"), text, (),
                             [BoxPrompt(box[:3], box[3:])], answer="It is [SEG].")  # fmt: skip
     scores = score_mask(result.objects[0].mask, truth, volume.spacing[::-1])
     assert record["dice"] == pytest.approx(scores.dice, abs=1e-9)

@@ -3,6 +3,8 @@ interactive prompts inside their structure, samples a pure function of (seed, ep
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from test_cache import _subject_items
@@ -177,8 +179,38 @@ def test_prompt_only_and_point_shares_set_how_interactive_samples_are_asked(seg_
 
     assert set(kinds(prompt_only_share=1.0, point_share=1.0)) == {("prompts only", "points")}
     assert set(kinds(prompt_only_share=0.0, point_share=0.0)) == {("named", "box")}
-    mixed = kinds()  # the defaults: half and half
-    assert 10 <= sum(k == "prompts only" for k, _ in mixed) <= 30 and 10 <= sum(p == "points" for _, p in mixed) <= 30
-    for bad in ({"prompt_only_share": 1.5}, {"point_share": -0.1}):
+    default = kinds()  # the paper's protocol: every prompt comes with text; half points, half boxes
+    assert {k for k, _ in default} == {"named"} and 10 <= sum(p == "points" for _, p in default) <= 30
+    mixed = kinds(prompt_only_share=0.5)
+    assert 10 <= sum(k == "prompts only" for k, _ in mixed) <= 30
+    for bad in ({"prompt_only_share": 1.5}, {"point_share": -0.1}, {"interactive_referring_share": 2.0}):
         with pytest.raises(InputError, match=f"{next(iter(bad))} must be in \\[0, 1\\]"):
             _mixture(seg_cache, tokenizer, {"interactive": 1}, **bad)
+
+
+def test_interactive_samples_carry_semantic_or_referring_text_with_their_prompts(seg_cache, tokenizer, data_dir):
+    terms = TermDictionary.load(data_dir / "m3d" / "term_dictionary.json")
+    templates = load_templates()
+    names = set(_names_by_voxel_count(seg_cache).values())
+    referring_answers = {t.format(name) for t in templates.referring_answers for name in names}
+    referring_questions = [re.escape(t).replace(r"\{\}", ".+") for t in templates.referring_questions]
+
+    def texts(share: float) -> list[str]:
+        mixture = _mixture(seg_cache, tokenizer, {"interactive": 1}, terms=terms, interactive_referring_share=share)
+        seen = []
+        for index in range(40):
+            sample = mixture[index]
+            assert sample.targets[0].points or sample.targets[0].boxes
+            ((question, answer),) = _turns(tokenizer, sample.input_ids)
+            if answer in referring_answers:  # a description asked, the class named in the answer
+                asked = question.replace("<image>", "").lstrip("\n")
+                assert any(re.fullmatch(pattern, asked) for pattern in referring_questions), asked
+                seen.append("referring")
+            else:
+                assert answer in templates.semantic_answers and any(name in question for name in names)
+                seen.append("semantic")
+        return seen
+
+    assert set(texts(0.0)) == {"semantic"}
+    assert 10 <= texts(0.5).count("referring") <= 30  # the default share
+    assert set(texts(1.0)) == {"referring"}  # every structure of this volume has a description in M3D's dictionary

@@ -55,16 +55,20 @@ def test_volume_and_segment_result_round_trip(rng):
     assert np.array_equal(back.ijk_to_ras, ijk_to_ras)
     mask = np.zeros((6, 9, 11), np.uint8)
     mask[2:4, 3:7, 5:6] = 1
-    result = SegmentResult("q", "It is [SEG].", [ObjectMask("liver", mask, 0.25), ObjectMask("x", mask * 0, 0.5)],
-                           ijk_to_ras, {"total": 1.5})  # fmt: skip
+    result = SegmentResult("q", "No.", [ObjectMask("liver", mask, 0.25), ObjectMask("x", mask * 0, 0.5)],
+                           ijk_to_ras, {"total": 1.5}, from_prompts=True, message="from the prompts")  # fmt: skip
     frame = segment_result_to_frame(result)
     assert len(frame) < mask.nbytes  # cropped to the box (2×4×1 voxels), not the volume
     back = segment_result_from_frame(frame, (6, 9, 11))
     assert [o.label for o in back.objects] == ["liver", "x"] and [o.score for o in back.objects] == [0.25, 0.5]
     assert np.array_equal(back.objects[0].mask, mask) and not back.objects[1].mask.any()
     assert back.answer == result.answer and back.timings == {"total": 1.5}
+    assert back.from_prompts and back.message == "from the prompts"
     with pytest.raises(ProtocolError, match=r"volume of shape \[6, 9, 11\], expected \[6, 9, 12\]"):
         segment_result_from_frame(frame, (6, 9, 12))
+    bad = pack({"question": "q", "answer": "No.", "ijk_to_ras": ijk_to_ras.tolist(), "from_prompts": "yes"}, [])
+    with pytest.raises(ProtocolError, match="from_prompts must be a boolean"):
+        segment_result_from_frame(bad, (6, 9, 11))
 
 
 def test_crop_and_uncrop():

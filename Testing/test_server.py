@@ -64,6 +64,7 @@ def volumes(data_dir) -> dict[str, Volume]:  # noqa: ANN001
 
 def _same_segmentation(remote, local) -> None:  # noqa: ANN001
     assert remote.answer == local.answer and remote.question == local.question
+    assert (remote.from_prompts, remote.message) == (local.from_prompts, local.message)
     assert np.array_equal(remote.ijk_to_ras, local.ijk_to_ras)
     assert [o.label for o in remote.objects] == [o.label for o in local.objects]
     for r, o in zip(remote.objects, local.objects, strict=True):

@@ -138,6 +138,22 @@ def test_nothing_is_overwritten_silently_and_undo_restores(scene, engine):
         SceneLogic().segment(nodes["volume"], nodes["segmentation"], text="liver")
 
 
+def test_points_give_a_segment_when_the_answer_has_no_seg_and_the_message_is_logged(scene, engine, monkeypatch,
+                                                                                    caplog):  # fmt: skip
+    logic, nodes = SceneLogic(engine), scene
+    _prompts(nodes)
+    no = engine.model.tokenizer("No.", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(engine, "_generate", lambda entry, question, *rest: (engine.model.prompt_ids(question), no))
+    request = logic.segmentRequest(nodes["volume"], "liver", positiveNode=nodes["points"])
+    with caplog.at_level("WARNING"):
+        result = logic.runSegment(request.pop("volume"), **request)
+    assert result.from_prompts and "the mask comes from your points or box" in caplog.text
+    (liver,) = logic.writeResult(result, nodes["segmentation"], nodes["volume"])
+    assert logic.maskFromSegment(nodes["segmentation"], liver, nodes["volume"]).sum() == result.objects[0].mask.sum()
+    with pytest.raises(InputError, match="so it made no mask. Nothing was written"):
+        logic.segment(nodes["volume"], nodes["segmentation"], text="liver")
+
+
 @pytest.mark.server
 def test_the_same_logic_runs_through_a_remote_server(scene, engine, tmp_path):
     port = free_port()

@@ -122,6 +122,15 @@ def test_shipped_stage_configs_use_the_papers_lora_targets_and_loss_weights(pape
     assert (weights.text_weight, weights.mask_weight, weights.dice_weight) == tuple(float(w) for w in loss.groups())
 
 
+def test_interactive_training_samples_carry_text_as_the_papers_interactive_protocol(paper_facts):
+    """Table 5 gives the model the referring text plus the box or points, never a prompt alone: stage 3 and the
+    TrainConfig default ask every interactive sample with text, part of them referring; prompt-only is an option."""
+    assert "SAME TEXT" in paper_facts["evaluation_protocol"]["interactive"]
+    for config in (_shipped_config(3), TrainConfig()):
+        assert config.prompt_only_share == 0.0 and 0.0 < config.interactive_referring_share < 1.0
+    assert TrainConfig(prompt_only_share=0.5).prompt_only_share == 0.5
+
+
 def test_frozen_parts_keep_parts_of_the_stage_plan_frozen():
     language_side = ["vision", "projector", "lora", "seg_projector"]
     model = _build_model(TrainConfig(stage=3, preset="tiny", train_sam_memory=True, frozen_parts=language_side))

@@ -8,6 +8,8 @@ the volume's transform, on the volume's own grid, so they overlay the CT exactly
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import slicer
 import vtk
@@ -158,13 +160,19 @@ class SceneLogic:
     def runSegment(self, volume: Volume, **prompts):  # noqa: ANN003, ANN201
         """The backend call (no MRML access: safe on a worker thread); returns its ``SegmentResult``.
 
+        A result whose mask came from the points or box alone (the answer had no ``[SEG]``) carries a
+        ``message`` saying so; it is logged here and shown by the Widget.
+
         Raises:
-            InputError: the model answered without a mask.
+            InputError: the model answered without a mask (text alone).
         """
         backend = self.requireBackend()
         result = backend.segment(backend.encode(volume, self.intensity), **prompts)
         if not result.objects:
-            raise InputError(f"the model answered {result.answer!r} without a mask; nothing was written.")
+            reason = result.message or f"The model answered {result.answer!r} without a mask."
+            raise InputError(f"{reason} Nothing was written.")
+        if result.message:
+            logging.warning("MedVLSAM2: %s", result.message)
         return result
 
     def writeResult(self, result, segmentationNode, volumeNode, segmentId: str | None = None) -> list[str]:  # noqa: ANN001

@@ -4,7 +4,9 @@ Sample ``i`` of an epoch is a pure function of ``(seed, epoch, i)``: the same in
 task, volume, template and prompts, which is what makes resumed runs continue on the same loss curve.
 Tasks: ``report`` (CT-RATE report generation), ``vqa`` (one CT-CHAT turn), ``semantic`` (class name),
 ``referring`` (a term-dictionary description instead of the name), ``interactive`` (synthesised points, with odds
-``point_share``, or a box on the model grid; with the class name or, with odds ``prompt_only_share``, without it).
+``point_share``, or a box on the model grid, plus the text of semantic or, with odds ``interactive_referring_share``,
+referring segmentation, as the paper's interactive protocol gives both; with odds ``prompt_only_share`` the prompts
+come with a generic question and no text instead).
 Semantic and referring samples ask about up to ``objects_per_sample`` structures of one volume in consecutive turns,
 one ``[SEG]`` each (LISA's and Sa2VA's ``num_classes_per_sample``); interactive samples about up to
 ``interactive_objects``, each with prompts of its own. Every step then contrasts structures of the same image (for
@@ -62,9 +64,10 @@ class TaskMixture(torch.utils.data.Dataset):
         objects_per_sample: int = 1,
         phrasings: int = 0,
         slice_window: int = 0,
-        prompt_only_share: float = 0.5,
+        prompt_only_share: float = 0.0,
         point_share: float = 0.5,
         interactive_objects: int = 1,
+        interactive_referring_share: float = 0.5,
     ) -> None:
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -88,10 +91,13 @@ class TaskMixture(torch.utils.data.Dataset):
         if slice_window < 0:
             raise InputError(f"slice_window must be >= 0 (0 = every slice), got {slice_window}.")
         self.slice_window = slice_window
-        for name, share in (("prompt_only_share", prompt_only_share), ("point_share", point_share)):
+        shares = {"prompt_only_share": prompt_only_share, "point_share": point_share,
+                  "interactive_referring_share": interactive_referring_share}  # fmt: skip
+        for name, share in shares.items():
             if not 0.0 <= share <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {share}.")
         self.prompt_only_share, self.point_share = prompt_only_share, point_share
+        self.interactive_referring_share = interactive_referring_share
         self.reports = {k: v for k, v in (reports or {}).items() if text_cache and k in text_cache.entries}
         self.vqa = {k: v for k, v in (vqa or {}).items() if text_cache and k in text_cache.entries}
         self.seg_volumes = [n for n, e in (seg_cache.entries.items() if seg_cache else []) if e["present"]]
@@ -160,16 +166,27 @@ class TaskMixture(torch.utils.data.Dataset):
             category = present[int(index)]
             mask = cached.masks[cached.categories.index(category)]
             spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
-            terms = self.terms if task == "referring" and spoken in self.terms else None
-            if task == "interactive" and rng.random() < self.prompt_only_share:  # without the class name
-                turns.append(prompt_only_prompt(rng, phrasings=self.phrasings))
+            if task == "interactive":
+                turns.append(self._interactive_turn(spoken, rng))
             else:
+                terms = self.terms if task == "referring" and spoken in self.terms else None
                 turns.append(segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings))
             prompts = self._prompts(mask, rng) if task == "interactive" else ((), ())
             targets.append(SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)), *prompts))
         ids, labels = self._encode(turns)
         image = torch.from_numpy(np.ascontiguousarray(cached.image))[None]
         return Sample(image, torch.from_numpy(np.ascontiguousarray(cached.sam_image)), ids, labels, targets)
+
+    def _interactive_turn(self, spoken: str, rng: np.random.Generator) -> tuple[str, str]:
+        """The (question, answer) of an interactive target: the semantic or referring text that goes with its
+        prompts (referring only where the term dictionary describes it), or the generic prompt-only question."""
+        if rng.random() < self.prompt_only_share:
+            return prompt_only_prompt(rng, phrasings=self.phrasings)
+        share = self.interactive_referring_share
+        # no draw at share 0: configurations without referring text sample exactly as before it existed
+        described = share > 0 and self.terms is not None and spoken in self.terms
+        terms = self.terms if described and rng.random() < share else None
+        return segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings)
 
     def _slice_window(self, sam_image: np.ndarray, masks: np.ndarray,
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip

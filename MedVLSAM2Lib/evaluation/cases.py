@@ -27,7 +27,9 @@ __all__ = ["TextCase", "SegCase", "SEG_MODES", "DEFAULT_SEG_DATASETS", "report_c
 REPORTS_CSV = Path("radiology_text_reports") / "validation_reports.csv"
 VQA_JSON = Path("vqa") / "valid_vqa.json"
 DEFAULT_SEG_DATASETS = ("0012", "0003", "0011")
-# semantic: the class name; referring: a term-dictionary description; box / points: the prompt alone.
+# semantic: the class name; referring: a term-dictionary description; box / points: the referring text (the same
+# description as the structure's referring case; the class name where the dictionary has none) plus a box or three
+# points, as the paper's Table 5.
 SEG_MODES = ("semantic", "referring", "box", "points")
 VQA_KINDS = ("short", "long", "choice")
 
@@ -53,6 +55,15 @@ class SegCase:
     case: M3DSegCase
     structure: str
     mode: str
+
+    def id_for(self, mode: str) -> str:
+        """The id of the same structure of the same case under another ``mode``."""
+        return seg_case_id(self.dataset, self.case.name, self.structure, mode)
+
+
+def seg_case_id(dataset: str, case: str, structure: str, mode: str) -> str:
+    """A segmentation case's stable id: ``<dataset>/<case>/<structure>/<mode>``."""
+    return f"{dataset}/{case}/{structure}/{mode}"
 
 
 def _split_file(root: Path, given: str | os.PathLike | None, default: Path, what: str) -> Path:
@@ -139,8 +150,7 @@ def seg_cases(root: str | os.PathLike, datasets: Sequence[str] = DEFAULT_SEG_DAT
                 break
             for structure in names:
                 for mode in modes:
-                    case_id = f"{code}/{case.name}/{structure}/{mode}"
-                    cases.append(SegCase(case_id, code, case, structure, mode))
+                    cases.append(SegCase(seg_case_id(code, case.name, structure, mode), code, case, structure, mode))
     if not cases:
         raise InputError(f"{root}: the {split!r} split of {list(datasets)} lists no case.")
     return cases

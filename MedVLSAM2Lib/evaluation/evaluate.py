@@ -27,6 +27,8 @@ __all__ = ["EvaluationSettings", "evaluate", "TASKS"]
 logger = logging.getLogger(__name__)
 
 TASKS = ("report", "vqa", "seg")
+# What box and point cases are asked with (recorded in the header): the referring text plus the prompt (Table 5).
+INTERACTIVE_TEXT = "referring"
 
 
 @dataclass
@@ -53,16 +55,23 @@ class EvaluationSettings:
         settings = {"seed": self.seed, "forced_answer": self.forced_answer, "tolerance_mm": self.tolerance_mm}
         if task == "seg":
             settings["terms"] = str(self.terms) if self.terms else None
+            settings["interactive_text"] = INTERACTIVE_TEXT  # runs that gave box/point prompts alone are refused
         return {"task": task, "settings": settings}
 
 
 def _terms(data: Path, given: str | None, modes: Sequence[str]) -> TermDictionary | None:
-    if "referring" not in modes:
+    """M3D's term dictionary: required by referring cases; box and point cases use it for their text and fall
+    back to the class name without it (with a warning)."""
+    if not {"referring", "box", "points"} & set(modes):
         return None
     path = Path(given) if given else data.parent / "term_dictionary.json"
-    if not path.is_file():
+    if path.is_file():
+        return TermDictionary.load(path)
+    if "referring" in modes:
         raise InputError(f"{path}: referring segmentation needs M3D's term_dictionary.json (pass --terms FILE).")
-    return TermDictionary.load(path)
+    logger.warning("%s: no term dictionary; box and point cases get the class name as their text, not the "
+                   "referring text of the paper's Table 5 (pass --terms FILE).", path)  # fmt: skip
+    return None
 
 
 def evaluate(task: str, source: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,

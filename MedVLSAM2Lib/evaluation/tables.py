@@ -1,9 +1,9 @@
 """``metrics.json`` → the paper-style tables (Markdown and CSV) and PNG plots of one evaluation folder.
 
 Tables: 2 report generation (CT-RATE), 3 VQA (CT-RATE), 4 semantic and referring segmentation (M3D-Seg),
-5 interactive segmentation from boxes and points (M3D-Seg). Every row is this run's checkpoint; rows quoted
-from the paper are added only from a ``--compare`` JSON file the user provides, and are marked as quoted
-(the paper's numbers are not bundled: they could not be read offline when this was written).
+5 interactive segmentation from the referring text plus boxes or points (M3D-Seg). Every row is this run's
+checkpoint; rows quoted from the paper are added only from a ``--compare`` JSON file the user provides, and are
+marked as quoted (the paper's numbers are not bundled: they could not be read offline when this was written).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ PROTOCOL_NAMES = {"corpus": "corpus (CT-CHAT)", "sample": "per-sample mean (M3D)
 DATASET_NAMES = {"0003": "AbdomenCT-1K (0003)", "0011": "TotalSegmentator (0011)", "0012": "CT-ORG (0012)"}
 SEG_SCORES = (("Dice", "dice"), ("soft Dice", "soft_dice"), ("surface Dice", "surface_dice"))
 SEG_TABLES = {"4": ("Semantic and referring segmentation", ("semantic", "referring")),
-              "5": ("Interactive segmentation", ("box", "points"))}  # fmt: skip
+              "5": ("Interactive segmentation (the referring text plus a box or three points)",
+                    ("box", "points"))}  # fmt: skip
 
 
 class Table:

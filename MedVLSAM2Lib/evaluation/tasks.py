@@ -150,6 +150,9 @@ class TextPredictor:
 class SegPredictor:
     """Masks for M3D-Seg cases under the seeded prompt protocol, scored as they are produced.
 
+    Box and point cases get the referring text plus the prompt, as the paper's Table 5 (see :meth:`_prompt`);
+    ``from_prompts`` in a record says the answer had no ``[SEG]`` and the prompts segmented through the template.
+
     ``forced_answer`` evaluates the mask path alone (the answer is :data:`FORCED_ANSWER` instead of a generated
     one); ``examples`` saves the slice of largest ground truth of the first cases of each mode to
     ``out/examples`` for the qualitative figure.
@@ -172,14 +175,29 @@ class SegPredictor:
         return volume, self.engine.encode(volume, intensity="normalized"), truth
 
     def _prompt(self, case: SegCase, truth: np.ndarray, rng: np.random.Generator) -> dict:
+        """Semantic: the class name. Referring: a description in the first referring question. Box and points
+        (Table 5): the same text as the referring case of the structure plus the prompt drawn with ``rng``."""
         if case.mode == "semantic":
             return {"text": case.structure}
         if case.mode == "referring":
-            description = self.terms.sample(case.structure, rng)
-            return {"text": load_templates().referring_questions[0].format(description), "description": description}
+            return self._referring_text(case)
+        text = self._interactive_text(case)
         if case.mode == "box":
-            return {"boxes": [synthesize_box(truth, rng)]}
-        return {"points": synthesize_points(truth, rng)}
+            return {**text, "boxes": [synthesize_box(truth, rng)]}
+        return {**text, "points": synthesize_points(truth, rng)}
+
+    def _referring_text(self, case: SegCase) -> dict:
+        """The referring question of ``case``'s structure; its description is drawn with the generator of the
+        structure's referring case, so box and point cases carry exactly the text that case was asked."""
+        description = self.terms.sample(case.structure, case_rng(self.seed, case.id_for("referring")))
+        return {"text": load_templates().referring_questions[0].format(description), "description": description}
+
+    def _interactive_text(self, case: SegCase) -> dict:
+        """The text of a box or point case: the referring text (``text_kind`` "referring") where the term
+        dictionary describes the structure, else the class name as in semantic segmentation ("semantic")."""
+        if self.terms is not None and case.structure in self.terms:
+            return {**self._referring_text(case), "text_kind": "referring"}
+        return {"text": case.structure, "text_kind": "semantic"}
 
     def __call__(self, case: SegCase) -> dict:
         volume, handle, truths = self._volume(case.case)
@@ -202,7 +220,8 @@ class SegPredictor:
         scores = score_mask(probabilities, truth, volume.spacing[::-1], tolerance_mm=self.tolerance_mm)
         self._keep_example(case, volume.array, truth, probabilities > 0.5)
         return {**record, **scores.to_dict(), "answer": result.answer, "masks": len(result.objects),
-                "prompt": _json_prompt(prompt), "seconds": result.timings["total"]}  # fmt: skip
+                "from_prompts": result.from_prompts, "prompt": _json_prompt(prompt),
+                "seconds": result.timings["total"]}  # fmt: skip
 
     def _keep_example(self, case: SegCase, image: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> None:
         shown = self._shown.get(case.mode, 0)
@@ -217,7 +236,7 @@ class SegPredictor:
 
 
 def _json_prompt(prompt: dict) -> dict:
-    out = {key: value for key, value in prompt.items() if key in ("text", "description")}
+    out = {key: value for key, value in prompt.items() if key in ("text", "description", "text_kind")}
     if "points" in prompt:
         out["points"] = [list(p.ijk) for p in prompt["points"]]
     if "boxes" in prompt:

@@ -229,14 +229,16 @@ def uncrop_mask(crop: np.ndarray, offset: Sequence[int], shape: Sequence[int]) -
 
 
 def segment_result_to_frame(result: SegmentResult) -> bytes:
-    """A segmentation answer: question, answer, timings and each object's cropped mask with label and score."""
+    """A segmentation answer: question, answer, timings, whether the mask came from the prompts alone (with the
+    message saying so) and each object's cropped mask with label and score."""
     shape = list(result.objects[0].mask.shape) if result.objects else None
     arrays = []
     for obj in result.objects:
         crop, offset = crop_mask(obj.mask)
         arrays.append((crop, {"label": obj.label, "score": obj.score, "offset": list(offset)}))
     meta = {"question": result.question, "answer": result.answer, "timings": result.timings,
-            "ijk_to_ras": result.ijk_to_ras.tolist(), "full_shape": shape}  # fmt: skip
+            "ijk_to_ras": result.ijk_to_ras.tolist(), "full_shape": shape, "from_prompts": result.from_prompts,
+            "message": result.message}  # fmt: skip
     return pack(meta, arrays)
 
 
@@ -257,4 +259,8 @@ def segment_result_from_frame(data: bytes, shape_kji: Sequence[int], limits: Lim
         objects.append(ObjectMask(str(entry.get("label")), mask, float(entry.get("score"))))
     matrix = np.asarray(meta.get("ijk_to_ras"), dtype=np.float64)
     timings = dict(meta.get("timings") or {})
-    return SegmentResult(str(meta.get("question")), str(meta.get("answer")), objects, matrix, timings)
+    from_prompts, message = meta.get("from_prompts", False), meta.get("message", "")
+    if not isinstance(from_prompts, bool) or not isinstance(message, str):
+        raise ProtocolError(f"from_prompts must be a boolean and message a string, got {from_prompts!r}, {message!r}.")
+    return SegmentResult(str(meta.get("question")), str(meta.get("answer")), objects, matrix, timings,
+                         from_prompts=from_prompts, message=message)  # fmt: skip

@@ -46,8 +46,12 @@ class TrainConfig:
             Random toy LLMs cannot learn paraphrase-invariant ``[SEG]`` states in minutes; pretrained ones bring it.
         slice_window: SAM2 runs on this many consecutive model-grid slices of each segmentation sample, at a
             random depth (0: all slices). Cuts the cost of a step in proportion; the ViT still sees the whole volume.
-        prompt_only_share: share of interactive samples asked without the structure's name (points or box only).
+        prompt_only_share: share of interactive samples asked with a generic question and no text (points or box
+            alone). 0 (the paper): every interactive sample carries the text of semantic or referring segmentation
+            plus its prompts, as the paper's interactive protocol (Table 5) gives them.
         point_share: share of interactive samples prompted with points (the rest with a box).
+        interactive_referring_share: share of the interactive samples with text whose text is a referring
+            description (term dictionary) rather than the class name; Table 5 evaluates with the referring text.
         train_sam_memory: stage 3 also trains SAM2's memory path.
         extra_parts: more trainable parts on top of the stage plan (e.g. ``sam_image_encoder`` for toy models).
         frozen_parts: parts of the stage plan kept frozen (e.g. the language side while SAM2's prompt path learns).
@@ -84,8 +88,9 @@ class TrainConfig:
     interactive_objects: int = 1
     phrasings: int = 0
     slice_window: int = 0
-    prompt_only_share: float = 0.5
+    prompt_only_share: float = 0.0
     point_share: float = 0.5
+    interactive_referring_share: float = 0.5
     train_sam_memory: bool = False
     extra_parts: list[str] = field(default_factory=list)
     frozen_parts: list[str] = field(default_factory=list)
@@ -130,7 +135,7 @@ class TrainConfig:
             raise InputError(f"train config: phrasings must be >= 0 (0 = every template), got {self.phrasings}.")
         if self.slice_window < 0:
             raise InputError(f"train config: slice_window must be >= 0 (0 = every slice), got {self.slice_window}.")
-        for name in ("prompt_only_share", "point_share"):
+        for name in ("prompt_only_share", "point_share", "interactive_referring_share"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise InputError(f"train config: {name} must be in [0, 1], got {getattr(self, name)}.")
 

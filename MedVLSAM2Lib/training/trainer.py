@@ -92,7 +92,7 @@ def _dataset(config: TrainConfig, model: MedVLSAM2Model) -> TaskMixture:
         terms=TermDictionary.load(config.term_dictionary) if config.term_dictionary else None,
         augmentation=config.augmentation, objects_per_sample=config.objects_per_sample, phrasings=config.phrasings,
         slice_window=config.slice_window, prompt_only_share=config.prompt_only_share, point_share=config.point_share,
-        interactive_objects=config.interactive_objects,
+        interactive_objects=config.interactive_objects, interactive_referring_share=config.interactive_referring_share,
     )  # fmt: skip
 
 
