@@ -149,7 +149,7 @@ def phase_steps(steps: int) -> list[int]:
         raise InputError(f"fine-tuning steps must be >= {len(PHASES)}, got {steps}.")
     ends = np.cumsum([count for _, count, _ in PHASES])
     bounds = [round(float(end) * steps / float(ends[-1])) for end in ends]
-    counts = [max(1, b - a) for a, b in zip([0, *bounds], bounds, strict=True)]
+    counts = [max(1, b - a) for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
     counts[counts.index(max(counts))] -= sum(counts) - steps
     return counts
 
