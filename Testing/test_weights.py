@@ -127,6 +127,21 @@ def test_checkpoint_round_trips_bit_exactly(tmp_path):
         load_checkpoint(folder)
 
 
+def test_checkpoint_saved_before_mixer_layers_and_tying_were_fields_loads_bit_identically(tmp_path):
+    torch.manual_seed(0)
+    model = MedVLSAM2Model(preset("tiny"))  # two mixer layers, tied: what every preset built then
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["config"]["projector"]["mixer_layers"], meta["config"]["language"]["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(meta))
+    loaded = load_checkpoint(folder)
+    assert loaded.config.projector.mixer_layers == 2 and loaded.config.language.tie_word_embeddings is True
+    reference = model.state_dict()
+    assert set(loaded.state_dict()) == set(reference)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
 @pytest.mark.parametrize("variant,yaml", [("tiny", "sam2.1_hiera_t.yaml"), ("large", "sam2.1_hiera_l.yaml")])
 def test_our_sam2_build_has_the_official_checkpoint_layout(variant, yaml):
     """Same keys and shapes as sam2's own Hydra build from its packaged SAM2.1 config: released checkpoints load."""
@@ -330,6 +345,15 @@ def test_internvl2_5_4b_config_loads_untied_with_sdpa_when_flash_attn_is_missing
     assert lm.config.tie_word_embeddings is False and lm.lm_head.weight is not lm.model.embed_tokens.weight
     for key, value in reference.state_dict().items():
         assert torch.equal(lm.state_dict()[key], value), key  # the output head is the file's own matrix
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(lm(ids).logits, reference(ids).logits)
+
+
+def test_internvl2_5_4b_config_uses_sdpa_even_where_flash_attn_imports(tmp_path, monkeypatch):
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: True)  # a CUDA machine's install
+    reference = _internvl2_5_4b_folder(tmp_path / "InternVL2_5-4B")
+    lm, _ = load_language_model(tmp_path / "InternVL2_5-4B")  # float32 on the CPU: FA2 would fail at the forward
+    assert lm.config._attn_implementation == "sdpa"
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(lm(ids).logits, reference(ids).logits)
 
