@@ -413,14 +413,16 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
                 self.ui.negativePointsSelector.currentNode(), self.ui.roiSelector.currentNode())  # fmt: skip
             volume = request.pop("volume")
 
+            title = "Segmenting"
+
             def done(result):
                 scene.writeResult(result, segmentationNode, volumeNode, segmentId)
                 if result.message:  # the mask came from the points or box alone
-                    self.ui.statusLabel.text = f"Segmenting: done. {result.message}"
+                    self.ui.statusLabel.text = f"{title}: done. {result.message}"
                 self.updateSegments()
                 self.onPositivePoints(self.ui.positivePointsSelector.currentNode())  # next click: positive
 
-            self.run("Segmenting", lambda _: scene.runSegment(volume, **request), done)
+            self.run(title, lambda _: scene.runSegment(volume, **request), done)
 
     def onUndo(self):
         if not self.logic.scene.undo():

@@ -283,7 +283,7 @@ def _segment(args: argparse.Namespace) -> int:
             "message": result.message}  # fmt: skip
     if not result.objects:
         _emit(args, data, f"answer      {result.answer}")
-        raise InputError(f"{result.message} Nothing written.")
+        raise InputError(f"{result.no_mask_reason()} Nothing written.")
     if output is not None:
         _write_masks(handle.volume, result.objects, output)
     lines = [f"answer      {result.answer}"] + ([f"note        {result.message}"] if result.message else [])

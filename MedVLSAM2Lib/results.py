@@ -64,3 +64,8 @@ class SegmentResult:
     timings: dict[str, float]
     from_prompts: bool = False
     message: str = ""
+
+    def no_mask_reason(self) -> str:
+        """Why there is no mask, in a sentence for the user: ``message``, or (from a server that sent none) the
+        answer."""
+        return self.message or f"The model answered {self.answer!r} without a mask."

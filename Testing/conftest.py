@@ -67,3 +67,15 @@ def paper_facts() -> dict:
             pytest.fail(message + "; CI must not pass without it")
         pytest.skip(message)
     return json.loads(path.read_text())
+
+
+@pytest.fixture
+def answer_without_seg(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make every engine's generation answer "No." (no [SEG]) for this test; returns that answer."""
+    from MedVLSAM2Lib.engine import InferenceEngine
+
+    def no_seg(self, entry, question, *rest):  # noqa: ANN001, ANN002, ANN202
+        return self.model.prompt_ids(question), self.model.tokenizer("No.", add_special_tokens=False)["input_ids"]
+
+    monkeypatch.setattr(InferenceEngine, "_generate", no_seg)
+    return "No."

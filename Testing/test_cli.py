@@ -140,14 +140,8 @@ def test_segment_writes_files_on_the_cts_own_grid(demo, tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
 
 
-def test_segment_says_when_the_prompts_alone_gave_the_mask(monkeypatch, capsys):
+def test_segment_says_when_the_prompts_alone_gave_the_mask(answer_without_seg, capsys):
     """A tiny model whose answer has no [SEG]: the point still gives a mask, and the output says why."""
-    from MedVLSAM2Lib.engine import InferenceEngine
-
-    def no_seg(self, entry, question, *rest):  # noqa: ANN001, ANN002, ANN202
-        return self.model.prompt_ids(question), self.model.tokenizer("No.", add_special_tokens=False)["input_ids"]
-
-    monkeypatch.setattr(InferenceEngine, "_generate", no_seg)
     assert main(["segment", str(CT), "--text", "right lung", "--point", "60,60,15", "--preset", "tiny"]) == 0
     printed = capsys.readouterr().out
     assert "answer      No.\nnote        The model's answer has no [SEG] ('No.'); the mask comes from" in printed

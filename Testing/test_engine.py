@@ -101,33 +101,25 @@ def test_sam2_sees_preprocess_sam_input_for_hu_and_normalized_volumes(engine, ct
         assert entry.sam_image[0].cpu().numpy().tobytes() == expected.tobytes()
 
 
-def _answers_without_seg(engine, monkeypatch) -> str:  # noqa: ANN001
-    """Make generation answer "No." (no [SEG]); returns that answer."""
-    ids = engine.model.tokenizer("No.", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(engine, "_generate", lambda entry, question, *rest: (engine.model.prompt_ids(question), ids))
-    return "No."
-
-
 @pytest.mark.parametrize("prompt", ["points", "box"])
-def test_prompts_segment_through_the_answer_template_when_the_answer_has_no_seg(engine, ct_files, monkeypatch,
-                                                                                prompt):  # fmt: skip
+def test_prompts_segment_through_the_answer_template_when_the_answer_has_no_seg(
+    engine, ct_files, answer_without_seg, prompt
+):
     volume = read_volume(ct_files["nifti"])
     handle = engine.encode(volume)
     prompts = {"points": {"points": [PointPrompt((30, 30, 10)), PointPrompt((34, 30, 10))]},
                "box": {"boxes": [BoxPrompt((20, 20, 10), (40, 40, 10))]}}[prompt]  # fmt: skip
-    expected = engine.segment(handle, "liver", **prompts, answer=prompt_answer())
-    said = _answers_without_seg(engine, monkeypatch)
+    expected = engine.segment(handle, "liver", **prompts, answer=prompt_answer())  # a given answer: no generation
     result = engine.segment(handle, "liver", **prompts)
-    assert result.answer == said and result.from_prompts
+    assert result.answer == answer_without_seg and result.from_prompts
     assert "has no [SEG]" in result.message and "points or box" in result.message and prompt_answer() in result.message
     (obj,) = result.objects  # the same mask as the template answer gives, on the volume's grid
     assert np.array_equal(obj.mask, expected.objects[0].mask) and obj.label == "liver"
     assert not expected.from_prompts and expected.message == ""
 
 
-def test_text_alone_without_seg_says_there_is_no_mask(engine, ct_files, monkeypatch):
+def test_text_alone_without_seg_says_there_is_no_mask(engine, ct_files, answer_without_seg):
     handle = engine.encode(read_volume(ct_files["nifti"]))
-    _answers_without_seg(engine, monkeypatch)
     result = engine.segment(handle, "liver")
     assert result.objects == [] and not result.from_prompts
     assert result.message == "The model's answer has no [SEG] ('No.'), so it made no mask."

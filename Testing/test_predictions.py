@@ -1,5 +1,5 @@
 """Prediction files: resume after a kill (a cut-off last line dropped), nothing duplicated or lost, another
-checkpoint's file refused."""
+checkpoint's or another setting's file refused (the term dictionary found among them)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,23 @@ def test_fingerprints_name_presets_and_hash_checkpoints(tmp_path):
     first = model_fingerprint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"other weights")
     assert first.startswith("sha256:") and model_fingerprint(tmp_path) != first
+
+
+def test_seg_header_records_the_term_dictionary_found_and_a_resume_without_it_is_refused(tmp_path):
+    from MedVLSAM2Lib.evaluation.evaluate import EvaluationSettings, _terms_path
+
+    data = tmp_path / "M3D_Seg"
+    data.mkdir()
+    settings = EvaluationSettings(modes=["box", "points"])
+    assert _terms_path(data, None, settings.modes) is None  # box and point cases fall back to class names
+    without = settings.header("seg", None)["settings"]
+    assert without["terms"] is None and without["interactive_text"] == "semantic"
+    (tmp_path / "term_dictionary.json").write_text("{}")
+    found = _terms_path(data, None, settings.modes)
+    assert found == (tmp_path / "term_dictionary.json").resolve()
+    with_terms = settings.header("seg", found)
+    assert with_terms["settings"] == {**without, "terms": str(found), "interactive_text": "referring"}
+    path = tmp_path / "predictions.jsonl"
+    PredictionLog(path, {**with_terms, "model": "preset:tiny"}).append({"id": "a"})
+    with pytest.raises(InputError, match=r"differs in \['settings'\]"):
+        PredictionLog(path, {**settings.header("seg", None), "model": "preset:tiny"})

@@ -138,20 +138,35 @@ def test_nothing_is_overwritten_silently_and_undo_restores(scene, engine):
         SceneLogic().segment(nodes["volume"], nodes["segmentation"], text="liver")
 
 
-def test_points_give_a_segment_when_the_answer_has_no_seg_and_the_message_is_logged(scene, engine, monkeypatch,
-                                                                                    caplog):  # fmt: skip
+def test_points_give_a_segment_when_the_answer_has_no_seg_and_the_message_is_logged_once(
+    scene, engine, answer_without_seg, caplog
+):
     logic, nodes = SceneLogic(engine), scene
     _prompts(nodes)
-    no = engine.model.tokenizer("No.", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(engine, "_generate", lambda entry, question, *rest: (engine.model.prompt_ids(question), no))
     request = logic.segmentRequest(nodes["volume"], "liver", positiveNode=nodes["points"])
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         result = logic.runSegment(request.pop("volume"), **request)
-    assert result.from_prompts and "the mask comes from your points or box" in caplog.text
+    logged = [r for r in caplog.records if "the mask comes from your points or box" in r.getMessage()]
+    assert result.from_prompts and len(logged) == 1
     (liver,) = logic.writeResult(result, nodes["segmentation"], nodes["volume"])
     assert logic.maskFromSegment(nodes["segmentation"], liver, nodes["volume"]).sum() == result.objects[0].mask.sum()
     with pytest.raises(InputError, match="so it made no mask. Nothing was written"):
         logic.segment(nodes["volume"], nodes["segmentation"], text="liver")
+
+
+def test_a_result_without_mask_or_message_still_says_why():
+    """An older server sends no message with an empty result: the error names the answer instead."""
+    from MedVLSAM2Lib.results import SegmentResult
+
+    class _OldServer:
+        def encode(self, volume, intensity):  # noqa: ANN001, ANN202
+            return volume
+
+        def segment(self, handle, **prompts):  # noqa: ANN001, ANN003, ANN202
+            return SegmentResult("Segment the liver.", "No.", [], np.eye(4), {})
+
+    with pytest.raises(InputError, match=r"^The model answered 'No\.' without a mask\. Nothing was written\.$"):
+        SceneLogic(_OldServer()).runSegment(None, text="liver", points=[], boxes=[], answer=None)  # fake: no volume
 
 
 @pytest.mark.server

@@ -2,7 +2,9 @@
 
 Every key the model needs must come from the checkpoint with the right shape, and nothing may be left over:
 checked with the loaders' own strict check (``load_strict``) on the meta device, so that no real-size weights are
-allocated. The fixtures name their sources; ``make_key_layouts.py`` there rewrites them.
+allocated. The fixtures name their sources; ``make_key_layouts.py`` there rewrites them. The InternVL2.5-4B layout
+is reproduced (transformers' Qwen2 key names, shapes from the released config's ``llm_config``), not copied from
+the published safetensors index.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from safetensors.torch import save_file
 from MedVLSAM2Lib.config import preset
 from MedVLSAM2Lib.model.segmenter import build_sam2
 from MedVLSAM2Lib.model.vision import VisionEncoder3D
-from MedVLSAM2Lib.model.weights import load_language_model, load_strict
+from MedVLSAM2Lib.model.weights import _qwen2_arguments, load_language_model, load_strict
 
 LAYOUTS = Path(__file__).resolve().parent / "fixtures" / "key_layouts"
 
@@ -26,6 +28,11 @@ def _layout(name: str) -> dict:
     layout = json.loads((LAYOUTS / name).read_text())
     assert layout["count"] == len(layout["tensors"])
     return layout
+
+
+def _internvl_llm_config(layout: dict) -> dict:
+    """The ``llm_config`` of the released InternVL2.5-4B config.json that the layout names."""
+    return json.loads((LAYOUTS / layout["config"]).read_text())["llm_config"]
 
 
 def _meta_state(tensors: dict[str, list[int]], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -57,13 +64,15 @@ def test_sam2_1_checkpoint_layout_loads_strictly_into_our_sam2_build(variant, pr
     load_strict(sam, _meta_state(layout["tensors"]), layout["layout"])
 
 
-def test_internvl2_5_4b_language_model_layout_matches_the_qwen2_the_loader_builds():
+def test_reproduced_internvl2_5_4b_language_model_layout_matches_the_qwen2_the_loader_builds():
+    """The layout is reproduced from transformers' Qwen2 names (not the published index): this checks the loader's
+    Qwen2 against the shapes InternVL2.5-4B's ``llm_config`` implies, not against the released file."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     layout = _layout("internvl2_5_4b_language_model.json")
-    llm = layout["llm_config"]
+    llm = _internvl_llm_config(layout)
     with torch.device("meta"):
-        lm = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in llm.items() if k != "architectures"}))
+        lm = Qwen2ForCausalLM(Qwen2Config(**_qwen2_arguments(llm, LAYOUTS / layout["config"])))
     load_strict(lm, _meta_state(layout["tensors"], "language_model."), layout["layout"])
     assert layout["tensors"]["language_model.lm_head.weight"] == [llm["vocab_size"], llm["hidden_size"]]
     paper = preset("paper").language  # the paper preset's LLM is InternVL2.5-4B's
@@ -73,11 +82,11 @@ def test_internvl2_5_4b_language_model_layout_matches_the_qwen2_the_loader_build
         llm["num_key_value_heads"], llm["rope_theta"], llm["rms_norm_eps"], llm["max_position_embeddings"])  # fmt: skip
 
 
-def test_internvl_folder_with_the_real_key_names_loads_untied(tmp_path):
-    """The real loader on a folder with every InternVL2.5-4B ``language_model.*`` key (36 layers, untied
-    ``lm_head``) and InternViT/mlp1 keys beside them, at a toy width so that it runs in a test."""
+def test_internvl_folder_with_the_reproduced_key_names_loads_untied(tmp_path):
+    """The real loader on a folder with every ``language_model.*`` key of the reproduced InternVL2.5-4B layout (36
+    layers, untied ``lm_head``) and InternViT/mlp1 keys beside them, at a toy width so that it runs in a test."""
     layout = _layout("internvl2_5_4b_language_model.json")
-    llm = layout["llm_config"]
+    llm = _internvl_llm_config(layout)
     toy = {llm["hidden_size"]: 32, llm["intermediate_size"]: 48, llm["vocab_size"]: 64, 256: 4}  # 256: k/v width
     generator = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn([toy[d] for d in shape], generator=generator) for k, shape in layout["tensors"].items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,21 @@ def test_checkpoint_round_trips_bit_exactly(tmp_path):
         load_checkpoint(folder)
 
 
+def test_checkpoint_saved_before_mixer_layers_and_tying_were_fields_loads_bit_identically(tmp_path):
+    torch.manual_seed(0)
+    model = MedVLSAM2Model(preset("tiny"))  # two mixer layers, tied: what every preset built then
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["config"]["projector"]["mixer_layers"], meta["config"]["language"]["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(meta))
+    loaded = load_checkpoint(folder)
+    assert loaded.config.projector.mixer_layers == 2 and loaded.config.language.tie_word_embeddings is True
+    reference = model.state_dict()
+    assert set(loaded.state_dict()) == set(reference)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
 @pytest.mark.parametrize("variant,yaml", [("tiny", "sam2.1_hiera_t.yaml"), ("large", "sam2.1_hiera_l.yaml")])
 def test_our_sam2_build_has_the_official_checkpoint_layout(variant, yaml):
     """Same keys and shapes as sam2's own Hydra build from its packaged SAM2.1 config: released checkpoints load."""
@@ -177,119 +193,8 @@ def test_stage_one_checkpoint_with_base_weights_reloads(tmp_path, monkeypatch):
 
 
 # InternVL2.5-4B's config.json as released (the llm_config's field set, incl. transformers' generic fields and
-# "_attn_implementation"), with the LM shrunk to test size: the fields _internvl2_5_4b_folder overwrites.
-INTERNVL2_5_4B_CONFIG = """{
-  "_commit_hash": null,
-  "architectures": ["InternVLChatModel"],
-  "auto_map": {
-    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-    "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"
-  },
-  "downsample_ratio": 0.5,
-  "dynamic_image_size": true,
-  "force_image_size": 448,
-  "llm_config": {
-    "_name_or_path": "Qwen/Qwen2.5-3B-Instruct",
-    "add_cross_attention": false,
-    "architectures": ["Qwen2ForCausalLM"],
-    "_attn_implementation": "flash_attention_2",
-    "attention_dropout": 0.0,
-    "bad_words_ids": null,
-    "begin_suppress_tokens": null,
-    "bos_token_id": 151643,
-    "chunk_size_feed_forward": 0,
-    "cross_attention_hidden_size": null,
-    "decoder_start_token_id": null,
-    "diversity_penalty": 0.0,
-    "do_sample": false,
-    "early_stopping": false,
-    "encoder_no_repeat_ngram_size": 0,
-    "eos_token_id": 151645,
-    "exponential_decay_length_penalty": null,
-    "finetuning_task": null,
-    "forced_bos_token_id": null,
-    "forced_eos_token_id": null,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
-    "initializer_range": 0.02,
-    "intermediate_size": 11008,
-    "is_decoder": false,
-    "is_encoder_decoder": false,
-    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
-    "length_penalty": 1.0,
-    "max_length": 20,
-    "max_position_embeddings": 32768,
-    "max_window_layers": 70,
-    "min_length": 0,
-    "model_type": "qwen2",
-    "no_repeat_ngram_size": 0,
-    "num_attention_heads": 16,
-    "num_beam_groups": 1,
-    "num_beams": 1,
-    "num_hidden_layers": 36,
-    "num_key_value_heads": 2,
-    "num_return_sequences": 1,
-    "output_attentions": false,
-    "output_hidden_states": false,
-    "output_scores": false,
-    "pad_token_id": null,
-    "prefix": null,
-    "problem_type": null,
-    "pruned_heads": {},
-    "remove_invalid_values": false,
-    "repetition_penalty": 1.0,
-    "return_dict": true,
-    "return_dict_in_generate": false,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
-    "rope_theta": 1000000.0,
-    "sep_token_id": null,
-    "sliding_window": null,
-    "suppress_tokens": null,
-    "task_specific_params": null,
-    "temperature": 1.0,
-    "tf_legacy_loss": false,
-    "tie_encoder_decoder": false,
-    "tie_word_embeddings": false,
-    "tokenizer_class": null,
-    "top_k": 50,
-    "top_p": 1.0,
-    "torch_dtype": "bfloat16",
-    "torchscript": false,
-    "transformers_version": "4.37.2",
-    "typical_p": 1.0,
-    "use_bfloat16": true,
-    "use_cache": true,
-    "use_sliding_window": false,
-    "vocab_size": 151674
-  },
-  "max_dynamic_patch": 12,
-  "min_dynamic_patch": 1,
-  "model_type": "internvl_chat",
-  "pad2square": false,
-  "ps_version": "v2",
-  "select_layer": -1,
-  "template": "internvl2_5",
-  "tie_word_embeddings": false,
-  "torch_dtype": "bfloat16",
-  "transformers_version": null,
-  "use_backbone_lora": 0,
-  "use_llm_lora": 0,
-  "use_thumbnail": true,
-  "vision_config": {
-    "architectures": ["InternVisionModel"],
-    "hidden_size": 1024,
-    "image_size": 448,
-    "intermediate_size": 4096,
-    "model_type": "intern_vit_6b",
-    "num_attention_heads": 16,
-    "num_hidden_layers": 24,
-    "patch_size": 14,
-    "use_flash_attn": true
-  }
-}"""
+# "_attn_implementation"); _internvl2_5_4b_folder shrinks its LM to test size. test_weight_layouts reads the same file.
+INTERNVL2_5_4B_CONFIG = Path(__file__).resolve().parent / "fixtures" / "key_layouts" / "internvl2_5_4b_config.json"
 
 
 def _internvl2_5_4b_folder(folder):
@@ -299,7 +204,7 @@ def _internvl2_5_4b_folder(folder):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer("tiny")
-    config = json.loads(INTERNVL2_5_4B_CONFIG)
+    config = json.loads(INTERNVL2_5_4B_CONFIG.read_text())
     geometry = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 2, "vocab_size": len(tokenizer) - 2,
                 "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
@@ -330,6 +235,15 @@ def test_internvl2_5_4b_config_loads_untied_with_sdpa_when_flash_attn_is_missing
     assert lm.config.tie_word_embeddings is False and lm.lm_head.weight is not lm.model.embed_tokens.weight
     for key, value in reference.state_dict().items():
         assert torch.equal(lm.state_dict()[key], value), key  # the output head is the file's own matrix
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(lm(ids).logits, reference(ids).logits)
+
+
+def test_internvl2_5_4b_config_uses_sdpa_even_where_flash_attn_imports(tmp_path, monkeypatch):
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: True)  # a CUDA machine's install
+    reference = _internvl2_5_4b_folder(tmp_path / "InternVL2_5-4B")
+    lm, _ = load_language_model(tmp_path / "InternVL2_5-4B")  # float32 on the CPU: FA2 would fail at the forward
+    assert lm.config._attn_implementation == "sdpa"
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(lm(ids).logits, reference(ids).logits)
 
@@ -409,14 +323,14 @@ def test_trained_tied_and_untied_models_reload_bit_identically(tmp_path, tied):
 
 @pytest.mark.parametrize("also_unlisted", [False, True])
 def test_checkpoint_without_one_trained_tensor_fails_naming_it(tmp_path, also_unlisted):
-    config = preset("tiny")
-    config.language.tie_word_embeddings = False
+    _internvl2_5_4b_folder(tmp_path / "InternVL2_5-4B")
+    base = {"language": tmp_path / "InternVL2_5-4B"}  # an untied LM base, which lacks the new tokens' head rows
     torch.manual_seed(0)
-    folder = save_checkpoint(MedVLSAM2Model(config), tmp_path / "ckpt")
+    folder = save_checkpoint(build_model(preset("tiny"), base), tmp_path / "ckpt", base)
     state = load_file(str(folder / "model.safetensors"))
     del state[HEAD_ROWS]
     save_file(state, str(folder / "model.safetensors"))
-    if also_unlisted:  # no base file holds it either
+    if also_unlisted:  # not recorded as trained: only the base could excuse it, and the base does not hold it
         meta = json.loads((folder / "config.json").read_text())
         meta["tensors"].remove(HEAD_ROWS)
         (folder / "config.json").write_text(json.dumps(meta))

@@ -8,8 +8,6 @@ the volume's transform, on the volume's own grid, so they overlay the CT exactly
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import slicer
 import vtk
@@ -161,7 +159,7 @@ class SceneLogic:
         """The backend call (no MRML access: safe on a worker thread); returns its ``SegmentResult``.
 
         A result whose mask came from the points or box alone (the answer had no ``[SEG]``) carries a
-        ``message`` saying so; it is logged here and shown by the Widget.
+        ``message`` saying so; the engine logs it (in whichever process it runs) and the Widget shows it.
 
         Raises:
             InputError: the model answered without a mask (text alone).
@@ -169,10 +167,7 @@ class SceneLogic:
         backend = self.requireBackend()
         result = backend.segment(backend.encode(volume, self.intensity), **prompts)
         if not result.objects:
-            reason = result.message or f"The model answered {result.answer!r} without a mask."
-            raise InputError(f"{reason} Nothing was written.")
-        if result.message:
-            logging.warning("MedVLSAM2: %s", result.message)
+            raise InputError(f"{result.no_mask_reason()} Nothing was written.")
         return result
 
     def writeResult(self, result, segmentationNode, volumeNode, segmentId: str | None = None) -> list[str]:  # noqa: ANN001

@@ -27,8 +27,6 @@ __all__ = ["EvaluationSettings", "evaluate", "TASKS"]
 logger = logging.getLogger(__name__)
 
 TASKS = ("report", "vqa", "seg")
-# What box and point cases are asked with (recorded in the header): the referring text plus the prompt (Table 5).
-INTERACTIVE_TEXT = "referring"
 
 
 @dataclass
@@ -51,22 +49,26 @@ class EvaluationSettings:
     compare: str | None = None
     examples: int = 2
 
-    def header(self, task: str) -> dict:
+    def header(self, task: str, terms: Path | None = None) -> dict:
+        """What the predictions depend on; for ``seg``, ``terms`` is the term dictionary found (see
+        :func:`_terms_path`): box and point cases are asked with its referring text (Table 5), without one with
+        the class name, so a resume in the other situation is refused."""
         settings = {"seed": self.seed, "forced_answer": self.forced_answer, "tolerance_mm": self.tolerance_mm}
         if task == "seg":
-            settings["terms"] = str(self.terms) if self.terms else None
-            settings["interactive_text"] = INTERACTIVE_TEXT  # runs that gave box/point prompts alone are refused
+            settings["terms"] = str(terms) if terms else None
+            settings["interactive_text"] = "referring" if terms else "semantic"
         return {"task": task, "settings": settings}
 
 
-def _terms(data: Path, given: str | None, modes: Sequence[str]) -> TermDictionary | None:
-    """M3D's term dictionary: required by referring cases; box and point cases use it for their text and fall
-    back to the class name without it (with a warning)."""
+def _terms_path(data: Path, given: str | None, modes: Sequence[str]) -> Path | None:
+    """Where M3D's term dictionary is (absolute), or ``None`` when no case uses it or it is absent: referring
+    cases require it; box and point cases use it for their text and fall back to the class name without it (with
+    a warning)."""
     if not {"referring", "box", "points"} & set(modes):
         return None
     path = Path(given) if given else data.parent / "term_dictionary.json"
     if path.is_file():
-        return TermDictionary.load(path)
+        return path.resolve()
     if "referring" in modes:
         raise InputError(f"{path}: referring segmentation needs M3D's term_dictionary.json (pass --terms FILE).")
     logger.warning("%s: no term dictionary; box and point cases get the class name as their text, not the "
@@ -104,14 +106,15 @@ def evaluate(task: str, source: str | os.PathLike, data: str | os.PathLike, out:
         cases = vqa_cases(data, settings.split_file, settings.kinds, settings.limit)
     else:
         cases = seg_cases(data, settings.datasets, "test", settings.modes, settings.structures, settings.limit)
-    header = {**settings.header(task), "model": model_fingerprint(source), "dtype": str(dtype)}
+    terms = _terms_path(data, settings.terms, settings.modes) if task == "seg" else None
+    header = {**settings.header(task, terms), "model": model_fingerprint(source), "dtype": str(dtype)}
     if engine is None:
         from ..engine import InferenceEngine
 
         engine = InferenceEngine.load(source, device=device, dtype=dtype)
     if task == "seg":
-        terms = _terms(data, settings.terms, settings.modes)
-        predict = SegPredictor(engine, settings.seed, terms, forced_answer=settings.forced_answer,
+        dictionary = TermDictionary.load(terms) if terms else None
+        predict = SegPredictor(engine, settings.seed, dictionary, forced_answer=settings.forced_answer,
                                tolerance_mm=settings.tolerance_mm, out=out, examples=settings.examples)  # fmt: skip
     else:
         predict = TextPredictor(engine)

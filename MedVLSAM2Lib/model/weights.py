@@ -103,13 +103,13 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def _qwen2_arguments(llm_config: dict[str, Any], source: Path) -> dict[str, Any]:
     """``Qwen2Config`` arguments from an InternVL ``llm_config``: remote-code entries dropped, and FlashAttention-2
-    (InternVL2.5-4B's config asks for it as ``_attn_implementation``) replaced by sdpa where ``flash-attn`` cannot run.
+    (InternVL2.5-4B's config asks for it as ``_attn_implementation``) replaced by sdpa. FlashAttention-2 runs only on
+    CUDA in float16/bfloat16, while this loader builds the LM on the CPU and does not know where the engine will run
+    it (CPU or float32 fail at the first forward), so sdpa is the one choice that runs everywhere.
 
     Raises:
         WeightsError: the LM is not a Qwen2 (InternVL2.5-2B/8B/26B carry InternLM2).
     """
-    from transformers.utils import is_flash_attn_2_available
-
     arguments = {k: v for k, v in llm_config.items() if k not in ("architectures", "auto_map")}
     if arguments.get("model_type", "qwen2") != "qwen2":
         raise WeightsError(
@@ -118,9 +118,11 @@ def _qwen2_arguments(llm_config: dict[str, Any], source: Path) -> dict[str, Any]
         )
     spellings = [arguments.pop(k) for k in ("_attn_implementation", "attn_implementation") if k in arguments]
     attention = next((a for a in spellings if a), None)
-    if attention == "flash_attention_2" and not is_flash_attn_2_available():
+    if attention == "flash_attention_2":
         logger.info(
-            "%s: llm_config asks for flash_attention_2, which cannot run here (no flash-attn); using sdpa.", source
+            "%s: llm_config asks for flash_attention_2, which runs only on CUDA in float16/bfloat16 and the LM is "
+            "built on the CPU here; using sdpa.",
+            source,
         )
         attention = "sdpa"
     if attention:
@@ -297,7 +299,9 @@ def load_checkpoint(folder: str | os.PathLike) -> MedVLSAM2Model:
         raise WeightsError(
             f"{folder}: checkpoint format {meta.get('format')!r}, this version reads {CHECKPOINT_FORMAT}."
         )
-    meta["config"].get("language", {}).setdefault("tie_word_embeddings", True)  # saved before the field: all tied
+    # Saved before these fields existed: every preset then built two mixer layers and tied the LM's embeddings.
+    meta["config"].setdefault("projector", {}).setdefault("mixer_layers", 2)
+    meta["config"].setdefault("language", {}).setdefault("tie_word_embeddings", True)
     config = ModelConfig.from_dict(meta["config"])
     if (folder / "tokenizer").is_dir():
         config.language.tokenizer = str(folder / "tokenizer")
