@@ -87,12 +87,13 @@ def test_internvl_folder_with_the_reproduced_key_names_loads_untied(tmp_path):
     layers, untied ``lm_head``) and InternViT/mlp1 keys beside them, at a toy width so that it runs in a test."""
     layout = _layout("internvl2_5_4b_language_model.json")
     llm = _internvl_llm_config(layout)
-    toy = {llm["hidden_size"]: 32, llm["intermediate_size"]: 48, llm["vocab_size"]: 64, 256: 4}  # 256: k/v width
+    # head width 4 (dynamic RoPE divides by head width - 2); 256: the k/v width (2 KV heads)
+    toy = {llm["hidden_size"]: 64, llm["intermediate_size"]: 48, llm["vocab_size"]: 64, 256: 8}
     generator = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn([toy[d] for d in shape], generator=generator) for k, shape in layout["tensors"].items()}
     save_file({**tensors, "vision_model.embeddings.class_embedding": torch.zeros(1, 1, 8),
                "mlp1.1.weight": torch.zeros(32, 8)}, str(tmp_path / "model.safetensors"))  # fmt: skip
-    small = {**llm, "hidden_size": 32, "intermediate_size": 48, "vocab_size": 64}  # 16 heads of 2, 2 KV heads
+    small = {**llm, "hidden_size": 64, "intermediate_size": 48, "vocab_size": 64}  # 16 heads of 4, 2 KV heads
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"], "llm_config": small}))
     lm, _ = load_language_model(tmp_path)
     state = lm.state_dict()
