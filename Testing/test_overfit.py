@@ -5,7 +5,7 @@ The loop is deliberately plain (AdamW on every part, full batch of the two promp
 library (stages, accelerate, resume) is tested on its own. The rates are the demo's (``demo_training.py``): with
 one rate of 1e-3 for every part the two [SEG] states stayed close and, under one kernel set (avx2), the decoder
 drew the liver for both prompts (spleen Dice ~0.3 after 300 steps). A fast [SEG] projector and LoRA over a slow
-trunk escape that plateau on every kernel set measured (``bench/results/overfit_matrix.md``).
+trunk escape that plateau on every kernel set measured (``bench/results/overfit_trials.md``).
 """
 
 from __future__ import annotations
