@@ -93,7 +93,14 @@ def test_a_box_in_the_inputs_ijk_prompts_the_model_grid_slice_that_holds_it(engi
 
 def test_sam2_sees_preprocess_sam_input_for_hu_and_normalized_volumes(engine, ct_files):
     volume = read_volume(ct_files["nifti"])
-    z_scored = volume.with_array(((volume.array - volume.array.mean()) / volume.array.std()).astype(np.float32))
+    # as M3D-Seg stores it (SegVol: clip to the foreground's 0.05..99.95 percentiles, z-score with the foreground);
+    # a plain z-score keeps the air above the floor, whose peak then passes for fat (an implausible estimate)
+    foreground = volume.array[volume.array > volume.array.mean()]
+    low, high = np.percentile(foreground, [0.05, 99.95])
+    foreground = np.clip(foreground, low, high)
+    z_scored = volume.with_array(
+        ((np.clip(volume.array, low, high) - foreground.mean()) / foreground.std()).astype(np.float32)
+    )
     grid = GridConfig(spatial_size=engine.model.config.vision.img_size)
     for given, intensity in ((volume, "hu"), (z_scored, "normalized")):
         entry = engine._entry(engine.encode(given, intensity))
