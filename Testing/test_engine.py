@@ -10,7 +10,7 @@ import torch
 from MedVLSAM2Lib.config import preset
 from MedVLSAM2Lib.demo import default_inputs
 from MedVLSAM2Lib.engine import InferenceEngine, _labels, _split_report, prompt_answer, segmentation_question
-from MedVLSAM2Lib.errors import CapacityError, InputError
+from MedVLSAM2Lib.errors import CapacityError, InputError, IntensityScaleError
 from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
 from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, sam_input
 from MedVLSAM2Lib.prompts import BoxPrompt, PointPrompt
@@ -103,9 +103,22 @@ def test_sam2_sees_preprocess_sam_input_for_hu_and_normalized_volumes(engine, ct
     )
     grid = GridConfig(spatial_size=engine.model.config.vision.img_size)
     for given, intensity in ((volume, "hu"), (z_scored, "normalized")):
-        entry = engine._entry(engine.encode(given, intensity))
+        engine._cache.clear()  # earlier tests may have segmented this volume already
+        handle = engine.encode(given, intensity)
+        entry = engine._entry(handle)
+        assert entry.sam_image is None  # made on the first segmentation only
         expected = sam_input(given, grid, engine.model.config.segmenter.window, intensity)
-        assert entry.sam_image[0].cpu().numpy().tobytes() == expected.tobytes()
+        assert engine._sam_image(handle, entry)[0].cpu().numpy().tobytes() == expected.tobytes()
+
+
+def test_a_normalized_volume_without_an_hu_estimate_still_gets_reports_and_answers(engine):
+    array = np.full((4, 8, 8), -1.0, dtype=np.float32)
+    array[1:3, 2:6, 2:6] = 0.5  # one tissue above the floor: no HU scale, so no SAM2 input
+    handle = engine.encode(Volume(array, np.eye(4)), "normalized")
+    assert engine.report(handle, max_new_tokens=2).text is not None
+    assert engine.ask(handle, "Is there a pleural effusion?").text is not None
+    with pytest.raises(IntensityScaleError, match="no separate fat and soft-tissue peaks"):
+        engine.segment(handle, text="liver", answer=SEG)
 
 
 def _answers_without_seg(engine, monkeypatch) -> str:  # noqa: ANN001

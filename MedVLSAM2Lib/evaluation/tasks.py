@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, IntensityScaleError
 from ..prompts import synthesize_box, synthesize_points
 from ..templates import SEG_TOKEN, TermDictionary, load_templates
 from .cases import SegCase, TextCase
@@ -29,6 +29,9 @@ __all__ = ["Shard", "case_rng", "run_cases", "TextPredictor", "SegPredictor", "F
 
 # The answer given instead of generating one when only the mask path is evaluated (``--forced-answer``).
 FORCED_ANSWER = f"It is {SEG_TOKEN}."
+
+# The ``skipped`` reason of a case whose volume gives SAM2 no input (the reason counts cases in the summary).
+SAM_INPUT_SKIPPED = "no SAM2 input: the HU scale of this normalised volume cannot be estimated"
 
 
 def _no_barrier() -> None:
@@ -154,7 +157,10 @@ class SegPredictor:
     ``from_prompts`` in a record says the answer had no ``[SEG]`` and the prompts segmented through the template.
 
     ``forced_answer`` evaluates the mask path alone (the answer is :data:`FORCED_ANSWER` instead of a generated
-    one); ``examples`` saves the slice of largest ground truth of the first cases of each mode to
+    one). A volume whose SAM2 input cannot be made (a normalised volume without a plausible HU estimate, see
+    :func:`~MedVLSAM2Lib.preprocess.hu_from_normalized`) gives each of its cases a ``skipped`` record with the
+    reason in ``error``, like any skipped case: the run continues, and a resumed run does not try it again.
+    ``examples`` saves the slice of largest ground truth of the first cases of each mode to
     ``out/examples`` for the qualitative figure.
     """
 
@@ -211,8 +217,11 @@ class SegPredictor:
         rng = case_rng(self.seed, case.id)
         prompt = self._prompt(case, truth, rng)
         answer = FORCED_ANSWER if self.forced_answer else None
-        result = self.engine.segment(handle, prompt.get("text"), prompt.get("points", ()), prompt.get("boxes", ()),
-                                     answer=answer, probabilities=True)  # fmt: skip
+        try:
+            result = self.engine.segment(handle, prompt.get("text"), prompt.get("points", ()),
+                                         prompt.get("boxes", ()), answer=answer, probabilities=True)  # fmt: skip
+        except IntensityScaleError as err:
+            return {**record, "skipped": SAM_INPUT_SKIPPED, "error": str(err)}
         if result.objects:
             probabilities = result.objects[0].probabilities.astype(np.float32)
         else:
