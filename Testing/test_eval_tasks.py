@@ -1,7 +1,7 @@
 """The segmentation predictor's prompt protocol (no model, no data): box and point cases carry the referring
 text of the same structure plus the seeded prompt, as the paper's Table 5; the class name where the term
 dictionary has no description; the engine's ``from_prompts`` is recorded. A volume without SAM2 input gives
-skipped records and the run goes on."""
+skipped records and the run goes on; ``--forced-answer`` gives the engine's answer template."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from MedVLSAM2Lib.engine import prompt_answer
 from MedVLSAM2Lib.errors import IntensityScaleError
 from MedVLSAM2Lib.evaluation.cases import SegCase, seg_case_id
 from MedVLSAM2Lib.evaluation.tasks import SAM_INPUT_SKIPPED, SegPredictor, case_rng, run_cases
@@ -49,7 +50,7 @@ class _Engine:
         return "handle"
 
     def segment(self, handle, text, points, boxes, *, answer, probabilities) -> SegmentResult:  # noqa: ANN001
-        self.calls.append({"text": text, "points": points, "boxes": boxes})
+        self.calls.append({"text": text, "points": points, "boxes": boxes, "answer": answer})
         mask = np.zeros((8, 10, 12), np.uint8)
         mask[1:6, 3:8, 2:7] = 1
         obj = ObjectMask("liver", mask, 0.9, mask.astype(np.float16))
@@ -108,3 +109,9 @@ def test_a_volume_without_sam2_input_is_a_skipped_record_and_the_run_goes_on(tmp
     again = run_cases(cases, SegPredictor(engine, SEED, TERMS), tmp_path, {"task": "seg"})  # resume
     assert again == records and len(engine.calls) == 3  # recorded once, never retried
 
+
+def test_the_forced_answer_is_the_engines_answer_template():
+    engine = _Engine()
+    SegPredictor(engine, SEED, TERMS, forced_answer=True)(_cases("liver")["box"])
+    SegPredictor(engine, SEED, TERMS)(_cases("liver")["box"])
+    assert [call["answer"] for call in engine.calls] == [prompt_answer(), None]
