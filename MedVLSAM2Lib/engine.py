@@ -10,7 +10,7 @@
 
 Everything is in the volume's own voxel grid (IJK prompts, KJI masks); the engine maps to the model grid
 and back with :mod:`MedVLSAM2Lib.preprocess`. Per volume it caches the model-grid tensors, the projected
-visual tokens and (on the first segmentation) the SAM2 image features of every slice, in an LRU bounded
+visual tokens and (on the first segmentation) SAM2's input image and its features of every slice, in an LRU bounded
 in bytes, so further questions and prompts on the same volume skip both encoders.
 """
 
@@ -80,13 +80,13 @@ class _Encoded:
 
     record: GridRecord
     image: torch.Tensor  # (1, 1, D, H, W) ViT input
-    sam_image: torch.Tensor  # (1, D, H, W) SAM2 input (preprocess.sam_input)
     visual: torch.Tensor  # (1, out_tokens, d_llm)
+    sam_image: torch.Tensor | None = None  # (1, D, H, W) SAM2 input (preprocess.sam_input), on first segmentation
     features: dict | None = None  # SAM2 image features, filled on the first segmentation
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.image, self.sam_image, self.visual]
+        tensors = [self.image, self.visual] + ([self.sam_image] if self.sam_image is not None else [])
         if self.features is not None:
             tensors += [*self.features["feats"], *self.features["pos"]]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -291,19 +291,35 @@ class InferenceEngine:
         config = self.model.config
         grid = GridConfig(spatial_size=config.vision.img_size)
         image, record = to_model(handle.volume, grid)
-        sam_image = sam_input(handle.volume, grid, config.segmenter.window, handle.intensity)
         image_t = torch.from_numpy(image)[None, None].to(self.device)
         with self._capacity("encoding the volume"), torch.inference_mode(), self._autocast():
             visual = self.model.visual_tokens(image_t.to(self.dtype))
-        entry = _Encoded(record, image_t, torch.from_numpy(sam_image)[None].to(self.device), visual)
+        entry = _Encoded(record, image_t, visual)
         self._cache[handle.key] = entry
         self._evict()
         return entry
 
-    def _features(self, entry: _Encoded) -> dict:
+    def _sam_image(self, handle: VolumeHandle, entry: _Encoded) -> torch.Tensor:
+        """SAM2's input image of ``entry``, made on the first segmentation only: for ``intensity="normalized"``
+        it needs an HU estimate (:func:`~MedVLSAM2Lib.preprocess.hu_from_normalized`) that can fail, and that
+        must not block reports and questions, which never use SAM2.
+
+        Raises:
+            IntensityScaleError: the HU scale of a normalised volume cannot be estimated.
+        """
+        if entry.sam_image is None:
+            config = self.model.config
+            grid = GridConfig(spatial_size=config.vision.img_size)
+            sam_image = sam_input(handle.volume, grid, config.segmenter.window, handle.intensity)
+            entry.sam_image = torch.from_numpy(sam_image)[None].to(self.device)
+            self._evict()
+        return entry.sam_image
+
+    def _features(self, handle: VolumeHandle, entry: _Encoded) -> dict:
         if entry.features is None:
+            sam_image = self._sam_image(handle, entry)
             with self._capacity("encoding the slices with SAM2"), torch.inference_mode(), self._autocast():
-                entry.features = self.model.sam_features(entry.sam_image[0])
+                entry.features = self.model.sam_features(sam_image[0])
             self._evict()
         return entry.features
 
@@ -358,7 +374,9 @@ class InferenceEngine:
         contain ``[SEG]``. ``probabilities`` also returns each mask's probabilities (for soft Dice).
 
         Raises:
-            InputError: no text and no prompts, a prompt outside the volume, or an ``answer`` without ``[SEG]``.
+            InputError: no text and no prompts, a prompt outside the volume, an ``answer`` without ``[SEG]``;
+                :class:`~MedVLSAM2Lib.errors.IntensityScaleError` (an ``InputError``): a normalised volume whose
+                HU scale cannot be estimated, so SAM2 has no input (:func:`~MedVLSAM2Lib.preprocess.sam_input`).
         """
         if text is None and not points and not boxes:
             raise InputError("nothing to segment: give a text, point prompts or box prompts.")
@@ -383,7 +401,7 @@ class InferenceEngine:
             logger.info(message)
         mask_ids = self._token_ids(prompt_answer()) if from_prompts else answer_ids
         prompted = SegTarget(None, tuple(points_model), tuple(boxes_model))
-        objects = self._objects(entry, prompt, mask_ids, prompted, text, probabilities, timings)
+        objects = self._objects(handle, entry, prompt, mask_ids, prompted, text, probabilities, timings)
         timings["total"] = time.perf_counter() - start
         return SegmentResult(question, answer_text, objects, handle.volume.ijk_to_ras.copy(), timings,
                              from_prompts=from_prompts, message=message)  # fmt: skip
@@ -391,20 +409,21 @@ class InferenceEngine:
     def _token_ids(self, text: str) -> list[int]:
         return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _objects(self, entry: _Encoded, prompt: list[int], answer_ids: list[int], prompted: SegTarget,
-                 text: str | None, probabilities: bool, timings: dict[str, float]) -> list[ObjectMask]:  # fmt: skip
+    def _objects(self, handle: VolumeHandle, entry: _Encoded, prompt: list[int], answer_ids: list[int],
+                 prompted: SegTarget, text: str | None, probabilities: bool,
+                 timings: dict[str, float]) -> list[ObjectMask]:  # fmt: skip
         """One mask on the volume's grid per ``[SEG]`` of ``answer_ids``: ``prompted`` (the user's points and
         boxes) steers the first, the others have no prompts. Adds ``sam_encode`` and ``masks`` to ``timings``."""
         count = answer_ids.count(self.model.tokens.seg)
         if not count:
             return []
         mark = time.perf_counter()
-        features = self._features(entry)
+        features = self._features(handle, entry)
         timings["sam_encode"] = time.perf_counter() - mark
         targets = [prompted] + [SegTarget()] * (count - 1)
         mark = time.perf_counter()
         with self._capacity("decoding masks"), self._autocast():
-            masks = self.model.segment_answer(None, entry.sam_image, prompt, answer_ids, targets,
+            masks = self.model.segment_answer(None, self._sam_image(handle, entry), prompt, answer_ids, targets,
                                               visual=entry.visual, features=features)  # fmt: skip
         model_probabilities = masks.probabilities.float().cpu().numpy()
         scores = masks.object_scores.float().amax(dim=1).cpu().tolist()

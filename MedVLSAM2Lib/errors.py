@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "MedVLSAM2Error",
     "InputError",
+    "IntensityScaleError",
     "WeightsError",
     "CapacityError",
     "ProtocolError",
@@ -23,6 +24,10 @@ class MedVLSAM2Error(Exception):
 
 class InputError(MedVLSAM2Error, ValueError):
     """Bad user input: a missing or unreadable file, a wrong shape, a prompt outside the volume."""
+
+
+class IntensityScaleError(InputError):
+    """A normalised volume (M3D-Seg) whose HU scale cannot be estimated, so SAM2 gets no input image from it."""
 
 
 class WeightsError(MedVLSAM2Error):

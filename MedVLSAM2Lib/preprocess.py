@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, IntensityScaleError
 from .prompts import BoxPrompt, PointPrompt, check_prompts_inside
 from .volume import Volume, orientation_transform, reorient_points
 
@@ -46,6 +46,7 @@ __all__ = [
     "to_model",
     "sam_input",
     "hu_from_normalized",
+    "SAM_INPUT_VERSION",
     "mask_to_model",
     "mask_from_model",
     "probabilities_from_model",
@@ -64,6 +65,15 @@ SOFT_TISSUE_HU = 40.0
 PEAK_BINS = 400  # histogram bins over the 0.5..99.5 percentiles of the voxels above the floor
 PEAK_SMOOTHING = 3.0  # Gaussian sigma of the histogram smoothing, in bins
 PEAK_SEPARATION = 0.25  # fat and soft-tissue peaks lie at least this many standard deviations apart
+# Plausibility of the estimate (hu_from_normalized gives the measurements behind them): the estimated HU standard
+# deviation of the foreground (voxels above the volume mean; for M3D-Seg's z-scores, the HU per stored unit) must
+# lie in SPREAD_HU, and a narrow one (below NARROW_SPREAD_HU) needs a floor at or below NARROW_FLOOR_MAX_HU.
+SPREAD_HU = (50.0, 700.0)
+NARROW_SPREAD_HU = 80.0
+NARROW_FLOOR_MAX_HU = -280.0
+# The version of SAM2's input definition (sam_input, hu_from_normalized and the constants above): bump it whenever
+# any of them changes, so caches made under another definition are refused (data/cache.py).
+SAM_INPUT_VERSION = 2
 
 
 @dataclass
@@ -261,35 +271,70 @@ def _histogram_peaks(values: np.ndarray) -> list[tuple[float, float]]:
 
 
 def hu_from_normalized(array: np.ndarray, where: str = "volume") -> np.ndarray:
-    """Estimated Hounsfield units of a CT stored as an affine rescaling of HU (M3D-Seg's z-scores, min-max images).
+    """Estimated Hounsfield units (float32) of a CT stored as an affine rescaling of HU (M3D-Seg's z-scores, min-max).
 
     M3D-Seg keeps no HU: ``image.npy`` is SegVol's foreground normalisation (voxels above the volume mean define
     the foreground; clip to its 0.05..99.95 percentiles, z-score with its mean and standard deviation), and both
     the mean and the deviation vary per volume (-231..130 HU and 87..400 HU on the CTs in ``../shared/data``).
     What survives any affine rescaling is the histogram's shape, so the scale is pinned on two tissue peaks: the
-    two highest peaks of the voxels above the clipped floor, at least ``PEAK_SEPARATION`` standard deviations
-    apart, become fat (``FAT_HU``) and soft tissue (``SOFT_TISSUE_HU``). Residual error: how far a volume's own
-    peaks sit from those textbook values: on the five real CTs in ``../shared/data`` the estimate is 0.82-1.05
-    times the true HU scale and off by up to 34 HU at 0 HU. A volume whose two highest peaks are other tissues
-    (a chest CT dominated by lung) is mapped wrongly.
+    two highest peaks of the voxels above the clipped floor (histogram of every second voxel along each axis),
+    at least ``PEAK_SEPARATION`` standard deviations apart, become fat (``FAT_HU``) and soft tissue
+    (``SOFT_TISSUE_HU``). Residual error: how far a volume's own peaks sit from those textbook values: on the
+    five real CTs in ``../shared/data`` the estimate is 0.82-1.05 times the true HU scale and off by up to 34 HU
+    at 0 HU.
+
+    When the two highest peaks are other tissues (lung-, air- or bone-dominated volumes) the map is wrong, so the
+    estimate must pass two checks, both invariant to the stored rescaling:
+
+    * the estimated HU standard deviation of the foreground (voxels above the volume mean; for M3D-Seg's
+      z-scores this is the estimated HU per stored unit) lies in ``SPREAD_HU`` = 50..700 HU: the true value is
+      86..400 HU on the five real CTs in ``../shared/data`` and 74..430 HU on their 24 half-size blocks (each
+      axis halved), the estimate 58..555 HU;
+    * a narrow spread (below ``NARROW_SPREAD_HU`` = 80 HU) also needs the volume's floor to map at or below
+      ``NARROW_FLOOR_MAX_HU`` = -280 HU. Measured on the same volumes stored as M3D-Seg stores them: the four
+      blocks of the chest CT angiography (subject B) whose two highest peaks are soft tissue and contrast-filled
+      vessels are estimated at 0.30-0.32 times their true scale, with a spread of 58..75 HU and a floor at
+      -122..-215 HU; every correctly mapped volume with a spread below 80 HU (subject A's small CT, 76 HU, and
+      its two lower pelvic blocks, 62 HU) has its floor at -350..-388 HU. The threshold lies between the two.
+
+    What these checks cannot see: a wrong map with a plausible spread and floor (one block of subject B is
+    estimated at 1.77 times its true scale, spread 312 HU, and passes).
 
     Raises:
-        InputError: fewer than two separate histogram peaks (no fat and soft tissue to calibrate on).
+        IntensityScaleError: fewer than two separate histogram peaks (no fat and soft tissue to calibrate on), or
+            an implausible estimate (see the two checks above).
     """
-    values = np.asarray(array, dtype=np.float64)
-    body = values[values > values.min()]
+    values = np.asarray(array, dtype=np.float32)
+    floor = float(values.min())
+    sample = values[tuple(slice(None, None, 2) for _ in range(values.ndim))]
+    body = sample[sample > floor]
     peaks = _histogram_peaks(body) if body.size else []
-    separation = PEAK_SEPARATION * float(body.std()) if body.size else 0.0
+    separation = PEAK_SEPARATION * float(body.std(dtype=np.float64)) if body.size else 0.0
     first = peaks[0][0] if peaks else 0.0
     others = [value for value, _ in peaks[1:] if abs(value - first) >= separation]
     if not others:
-        raise InputError(
+        raise IntensityScaleError(
             f"{where}: its intensity histogram shows no separate fat and soft-tissue peaks, so its HU scale cannot"
             " be estimated; give the volume in Hounsfield units (intensity 'hu')."
         )
     fat, tissue = sorted((first, others[0]))
     scale = (SOFT_TISSUE_HU - FAT_HU) / (tissue - fat)
-    return (FAT_HU + (values - fat) * scale).astype(np.float32)
+    foreground = sample[sample > sample.mean(dtype=np.float64)]
+    spread = scale * float(foreground.std(dtype=np.float64))
+    floor_hu = FAT_HU + (floor - fat) * scale
+    narrow = spread < NARROW_SPREAD_HU and floor_hu > NARROW_FLOOR_MAX_HU
+    if not SPREAD_HU[0] <= spread <= SPREAD_HU[1] or narrow:
+        expected = f"{SPREAD_HU[0]:g}..{SPREAD_HU[1]:g} HU, and a floor at or below {NARROW_FLOOR_MAX_HU:g} HU when"
+        raise IntensityScaleError(
+            f"{where}: the HU estimate from its two highest histogram peaks is implausible (foreground spread"
+            f" {spread:.0f} HU, floor at {floor_hu:.0f} HU; real CTs have a spread of {expected} the spread is below"
+            f" {NARROW_SPREAD_HU:g} HU): those peaks are probably not fat and soft tissue (a volume dominated by"
+            " lung, contrast-filled vessels or bone); give the volume in Hounsfield units (intensity 'hu')."
+        )
+    hu = values - np.float32(fat)  # float32 throughout: one full-volume copy
+    hu *= np.float32(scale)
+    hu += np.float32(FAT_HU)
+    return hu
 
 
 def sam_input(volume: Volume, grid: GridConfig, window: tuple[float, float], intensity: str = "hu") -> np.ndarray:
@@ -301,7 +346,8 @@ def sam_input(volume: Volume, grid: GridConfig, window: tuple[float, float], int
     map keeps the voxels above the minimum), so both images share one grid record.
 
     Raises:
-        InputError: unknown ``intensity``; see also :func:`to_model` and :func:`hu_from_normalized`.
+        InputError: unknown ``intensity``; see also :func:`to_model`. IntensityScaleError (an ``InputError``):
+            see :func:`hu_from_normalized`.
     """
     if intensity not in INTENSITIES:
         raise InputError(f"unknown intensity {intensity!r}; choose one of {list(INTENSITIES)}.")

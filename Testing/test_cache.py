@@ -9,11 +9,12 @@ import pytest
 from corpus import ORGANS, load_pair
 
 from MedVLSAM2Lib.cli import main
+from MedVLSAM2Lib.data import cache as cache_module
 from MedVLSAM2Lib.data.cache import CacheItem, VolumeCache, prepare
 from MedVLSAM2Lib.data.ctrate import cache_items as ctrate_items
 from MedVLSAM2Lib.data.m3dseg import M3DSegDataset
 from MedVLSAM2Lib.errors import InputError
-from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, sam_input, to_model
+from MedVLSAM2Lib.preprocess import SAM_INPUT_VERSION, GridConfig, mask_to_model, sam_input, to_model
 from MedVLSAM2Lib.volume import read_volume, write_volume
 
 pytestmark = pytest.mark.realdata
@@ -73,6 +74,19 @@ def test_a_cache_from_before_the_one_sam2_input_is_refused(subject_a, total_labe
     index.write_text(index.read_text().replace('"sam_window": [', '"old_window": ['))
     with pytest.raises(InputError, match="no 'sam_window'.*prepare` again into a new folder"):
         VolumeCache(tmp_path / "cache")
+
+
+def test_a_cache_of_another_sam2_input_version_is_refused(subject_a, total_labels, tmp_path, monkeypatch):
+    items = _subject_items(subject_a, total_labels)[:1]
+    prepare(items, tmp_path / "cache", GRID, WINDOW)
+    index = tmp_path / "cache" / "index.json"
+    assert f'"sam_input_version": {SAM_INPUT_VERSION}' in index.read_text()
+    monkeypatch.setattr(cache_module, "SAM_INPUT_VERSION", SAM_INPUT_VERSION + 1)  # e.g. FAT_HU changed
+    with pytest.raises(InputError, match=rf"version {SAM_INPUT_VERSION}, this version makes {SAM_INPUT_VERSION + 1}; "
+                                         r"run `medvlsam2 prepare` again"):  # fmt: skip
+        VolumeCache(tmp_path / "cache")
+    with pytest.raises(InputError, match=r"run `medvlsam2 prepare` again"):  # resuming it is refused too
+        prepare(items, tmp_path / "cache", GRID, WINDOW)
 
 
 def test_prepare_command_converts_the_m3d_seg_case(data_dir, tmp_path, capsys):

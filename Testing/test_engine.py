@@ -10,7 +10,7 @@ import torch
 from MedVLSAM2Lib.config import preset
 from MedVLSAM2Lib.demo import default_inputs
 from MedVLSAM2Lib.engine import InferenceEngine, _labels, _split_report, prompt_answer, segmentation_question
-from MedVLSAM2Lib.errors import CapacityError, InputError
+from MedVLSAM2Lib.errors import CapacityError, InputError, IntensityScaleError
 from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
 from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, sam_input
 from MedVLSAM2Lib.prompts import BoxPrompt, PointPrompt
@@ -93,12 +93,32 @@ def test_a_box_in_the_inputs_ijk_prompts_the_model_grid_slice_that_holds_it(engi
 
 def test_sam2_sees_preprocess_sam_input_for_hu_and_normalized_volumes(engine, ct_files):
     volume = read_volume(ct_files["nifti"])
-    z_scored = volume.with_array(((volume.array - volume.array.mean()) / volume.array.std()).astype(np.float32))
+    # as M3D-Seg stores it (SegVol: clip to the foreground's 0.05..99.95 percentiles, z-score with the foreground);
+    # a plain z-score keeps the air above the floor, whose peak then passes for fat (an implausible estimate)
+    foreground = volume.array[volume.array > volume.array.mean()]
+    low, high = np.percentile(foreground, [0.05, 99.95])
+    foreground = np.clip(foreground, low, high)
+    z_scored = volume.with_array(
+        ((np.clip(volume.array, low, high) - foreground.mean()) / foreground.std()).astype(np.float32)
+    )
     grid = GridConfig(spatial_size=engine.model.config.vision.img_size)
     for given, intensity in ((volume, "hu"), (z_scored, "normalized")):
-        entry = engine._entry(engine.encode(given, intensity))
+        engine._cache.clear()  # earlier tests may have segmented this volume already
+        handle = engine.encode(given, intensity)
+        entry = engine._entry(handle)
+        assert entry.sam_image is None  # made on the first segmentation only
         expected = sam_input(given, grid, engine.model.config.segmenter.window, intensity)
-        assert entry.sam_image[0].cpu().numpy().tobytes() == expected.tobytes()
+        assert engine._sam_image(handle, entry)[0].cpu().numpy().tobytes() == expected.tobytes()
+
+
+def test_a_normalized_volume_without_an_hu_estimate_still_gets_reports_and_answers(engine):
+    array = np.full((4, 8, 8), -1.0, dtype=np.float32)
+    array[1:3, 2:6, 2:6] = 0.5  # one tissue above the floor: no HU scale, so no SAM2 input
+    handle = engine.encode(Volume(array, np.eye(4)), "normalized")
+    assert engine.report(handle, max_new_tokens=2).text is not None
+    assert engine.ask(handle, "Is there a pleural effusion?").text is not None
+    with pytest.raises(IntensityScaleError, match="no separate fat and soft-tissue peaks"):
+        engine.segment(handle, text="liver", answer=SEG)
 
 
 @pytest.mark.parametrize("prompt", ["points", "box"])

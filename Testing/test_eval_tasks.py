@@ -1,6 +1,7 @@
 """The segmentation predictor's prompt protocol (no model, no data): box and point cases carry the referring
 text of the same structure plus the seeded prompt, as the paper's Table 5; the class name where the term
-dictionary has no description; the engine's ``from_prompts`` is recorded."""
+dictionary has no description; the engine's ``from_prompts`` is recorded. A volume without SAM2 input gives
+skipped records and the run goes on; ``--forced-answer`` gives the engine's answer template."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from MedVLSAM2Lib.engine import prompt_answer
+from MedVLSAM2Lib.errors import IntensityScaleError
 from MedVLSAM2Lib.evaluation.cases import SegCase, seg_case_id
-from MedVLSAM2Lib.evaluation.tasks import SegPredictor, case_rng
+from MedVLSAM2Lib.evaluation.tasks import SAM_INPUT_SKIPPED, SegPredictor, case_rng, run_cases
 from MedVLSAM2Lib.prompts import synthesize_box, synthesize_points
 from MedVLSAM2Lib.results import ObjectMask, SegmentResult
 from MedVLSAM2Lib.templates import TermDictionary
@@ -47,7 +50,7 @@ class _Engine:
         return "handle"
 
     def segment(self, handle, text, points, boxes, *, answer, probabilities) -> SegmentResult:  # noqa: ANN001
-        self.calls.append({"text": text, "points": points, "boxes": boxes})
+        self.calls.append({"text": text, "points": points, "boxes": boxes, "answer": answer})
         mask = np.zeros((8, 10, 12), np.uint8)
         mask[1:6, 3:8, 2:7] = 1
         obj = ObjectMask("liver", mask, 0.9, mask.astype(np.float16))
@@ -87,3 +90,28 @@ def test_without_a_description_box_and_point_cases_get_the_class_name(terms):
     for mode in ("box", "points"):
         prompt = predict(cases[mode])["prompt"]
         assert (prompt["text"], prompt["text_kind"]) == ("spleen", "semantic") and "description" not in prompt
+
+
+class _NoSamInputEngine(_Engine):
+    """An engine whose volume has no HU estimate: ``segment`` raises as the real engine does."""
+
+    def segment(self, handle, text, points, boxes, *, answer, probabilities) -> SegmentResult:  # noqa: ANN001
+        self.calls.append({"text": text})
+        raise IntensityScaleError("case_a: its intensity histogram shows no separate fat and soft-tissue peaks")
+
+
+def test_a_volume_without_sam2_input_is_a_skipped_record_and_the_run_goes_on(tmp_path):
+    engine = _NoSamInputEngine()
+    cases = list(_cases("liver").values())
+    records = run_cases(cases, SegPredictor(engine, SEED, TERMS), tmp_path, {"task": "seg"})
+    assert [r["skipped"] for r in records] == [SAM_INPUT_SKIPPED] * 3
+    assert all("no separate fat and soft-tissue peaks" in r["error"] for r in records)
+    again = run_cases(cases, SegPredictor(engine, SEED, TERMS), tmp_path, {"task": "seg"})  # resume
+    assert again == records and len(engine.calls) == 3  # recorded once, never retried
+
+
+def test_the_forced_answer_is_the_engines_answer_template():
+    engine = _Engine()
+    SegPredictor(engine, SEED, TERMS, forced_answer=True)(_cases("liver")["box"])
+    SegPredictor(engine, SEED, TERMS)(_cases("liver")["box"])
+    assert [call["answer"] for call in engine.calls] == [prompt_answer(), None]

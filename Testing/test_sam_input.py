@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from MedVLSAM2Lib.data.m3dseg import M3DSegDataset
-from MedVLSAM2Lib.errors import InputError
+from MedVLSAM2Lib.errors import InputError, IntensityScaleError
 from MedVLSAM2Lib.preprocess import GridConfig, sam_input, to_model
 from MedVLSAM2Lib.volume import Volume, read_volume
 
@@ -73,3 +73,24 @@ def test_normalized_data_without_fat_and_soft_tissue_peaks_is_refused():
         sam_input(Volume(array, np.eye(4)), GridConfig(spatial_size=(4, 8, 8)), WINDOW, "normalized")
     with pytest.raises(InputError, match="unknown intensity 'zscore'"):
         sam_input(Volume(array, np.eye(4)), GridConfig(spatial_size=(4, 8, 8)), WINDOW, "zscore")
+
+
+def _as_m3d_seg_stores_it(hu: np.ndarray) -> np.ndarray:
+    """SegVol's foreground normalisation (M3D-Seg's image.npy): voxels above the mean are the foreground; clip
+    to its 0.05..99.95 percentiles, z-score with its mean and standard deviation."""
+    foreground = hu[hu > hu.mean()]
+    low, high = np.percentile(foreground, [0.05, 99.95])
+    foreground = np.clip(foreground, low, high)
+    return ((np.clip(hu, low, high) - foreground.mean()) / foreground.std()).astype(np.float32)
+
+
+def test_an_estimate_pinned_on_the_wrong_peaks_is_refused(data_dir):
+    """A block of the chest CT angiography whose two highest peaks are soft tissue and contrast-filled vessels
+    (estimated at 0.32 times its true scale before the check): the estimate is refused, naming why."""
+    cta = read_volume(data_dir / "totalsegmentator" / "subjectB_chest_cta_aorta_crop" / "ct_cropped.nii.gz")
+    k, j, i = (n // 2 for n in cta.array.shape)
+    block = Volume(_as_m3d_seg_stores_it(cta.array[:k, :j, :i].astype(np.float32)), np.eye(4))
+    with pytest.raises(IntensityScaleError, match=r"estimate .* is implausible \(foreground spread 73 HU"):
+        sam_input(block, GridConfig(spatial_size=(8, 32, 32)), WINDOW, "normalized")
+    whole = Volume(_as_m3d_seg_stores_it(cta.array.astype(np.float32)), np.eye(4))  # the whole crop maps fine
+    assert sam_input(whole, GridConfig(spatial_size=(8, 32, 32)), WINDOW, "normalized").shape == (8, 32, 32)

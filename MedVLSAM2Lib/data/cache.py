@@ -2,10 +2,13 @@
 
 Layout of a cache folder::
 
-    index.json            {"format", "grid": GridConfig, "sam_window", "entries": {name: entry}}
+    index.json            {"format", "grid": GridConfig, "sam_window", "sam_input_version", "entries": {name: entry}}
     volumes/<name>.npz    image (D,H,W) float32 [0,1]; sam_image (D,H,W) float32 [0,1], SAM2's input from
                           ``preprocess.sam_input`` (compressed, and exactly the foundation's tensors);
                           masks (C,D,H,W) bit-packed (optional); record: GridRecord JSON
+
+``sam_input_version`` is ``preprocess.SAM_INPUT_VERSION``: how SAM2's input was made (the HU estimate of
+normalised volumes). A cache made under another version is refused, so training never mixes two SAM2 inputs.
 
 Each entry holds the file's SHA-256, its categories and which of them are present. Volume files are written
 atomically; the index is rewritten after every finished volume, so an interrupted ``prepare`` resumes where
@@ -28,7 +31,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..jsonfile import read_json
-from ..preprocess import GridConfig, GridRecord, mask_to_model, sam_input, to_model
+from ..preprocess import SAM_INPUT_VERSION, GridConfig, GridRecord, mask_to_model, sam_input, to_model
 from ..volume import Volume
 
 __all__ = ["CacheItem", "CachedVolume", "VolumeCache", "write_item", "prepare"]
@@ -116,14 +119,17 @@ def prepare(
         The index entries.
 
     Raises:
-        InputError: an existing cache was made with other grid settings, or two items share a name.
+        InputError: an existing cache was made with other grid settings or another SAM2-input version, or two
+            items share a name.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    header = {"format": CACHE_FORMAT, "grid": json.loads(json.dumps(asdict(grid))), "sam_window": list(sam_window)}
+    header = {"format": CACHE_FORMAT, "grid": json.loads(json.dumps(asdict(grid))), "sam_window": list(sam_window),
+              "sam_input_version": SAM_INPUT_VERSION}  # fmt: skip
     entries: dict[str, Any] = {}
     if (folder / "index.json").is_file():
         existing = read_json(folder / "index.json", "cache index")
+        _check_sam_input_version(folder, existing)
         if {k: existing.get(k) for k in header} != header:
             raise InputError(
                 f"{folder}: this cache was made with other settings {existing.get('grid')}; use a new folder."
@@ -158,6 +164,16 @@ def prepare(
     return entries
 
 
+def _check_sam_input_version(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse a cache whose SAM2 images were made by another definition of SAM2's input."""
+    version = index.get("sam_input_version")
+    if version != SAM_INPUT_VERSION:
+        raise InputError(
+            f"{folder}: its SAM2 images were made with SAM2-input version {version!r}, this version makes "
+            f"{SAM_INPUT_VERSION}; run `medvlsam2 prepare` again into a new folder."
+        )
+
+
 class VolumeCache:
     """Read access to a prepared cache."""
 
@@ -171,6 +187,7 @@ class VolumeCache:
                 f"{self.folder}: made before SAM2's input was one image for HU and M3D-Seg data (no 'sam_window'); "
                 "run `medvlsam2 prepare` again into a new folder."
             )
+        _check_sam_input_version(self.folder, index)
         self.grid = GridConfig(**index["grid"])
         self.entries: dict[str, Any] = index["entries"]
 

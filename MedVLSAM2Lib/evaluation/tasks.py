@@ -17,18 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, IntensityScaleError
 from ..prompts import synthesize_box, synthesize_points
-from ..templates import SEG_TOKEN, TermDictionary, load_templates
+from ..templates import TermDictionary, load_templates
 from .cases import SegCase, TextCase
 from .choice import parse_choice, question_options
 from .predictions import PredictionLog, read_predictions
 from .seg_metrics import score_mask
 
-__all__ = ["Shard", "case_rng", "run_cases", "TextPredictor", "SegPredictor", "FORCED_ANSWER"]
+__all__ = ["Shard", "case_rng", "run_cases", "TextPredictor", "SegPredictor"]
 
-# The answer given instead of generating one when only the mask path is evaluated (``--forced-answer``).
-FORCED_ANSWER = f"It is {SEG_TOKEN}."
+
+# The ``skipped`` reason of a case whose volume gives SAM2 no input (the reason counts cases in the summary).
+SAM_INPUT_SKIPPED = "no SAM2 input: the HU scale of this normalised volume cannot be estimated"
 
 
 def _no_barrier() -> None:
@@ -153,16 +154,23 @@ class SegPredictor:
     Box and point cases get the referring text plus the prompt, as the paper's Table 5 (see :meth:`_prompt`);
     ``from_prompts`` in a record says the answer had no ``[SEG]`` and the prompts segmented through the template.
 
-    ``forced_answer`` evaluates the mask path alone (the answer is :data:`FORCED_ANSWER` instead of a generated
-    one); ``examples`` saves the slice of largest ground truth of the first cases of each mode to
+    ``forced_answer`` evaluates the mask path alone (the answer is
+    :func:`~MedVLSAM2Lib.engine.prompt_answer`, the first semantic answer template, instead of a generated one).
+    A volume whose SAM2 input cannot be made (a normalised volume without a plausible HU estimate, see
+    :func:`~MedVLSAM2Lib.preprocess.hu_from_normalized`) gives each of its cases a ``skipped`` record with the
+    reason in ``error``, like any skipped case: the run continues, and a resumed run does not try it again.
+    ``examples`` saves the slice of largest ground truth of the first cases of each mode to
     ``out/examples`` for the qualitative figure.
     """
 
     def __init__(self, engine, seed: int = 0, terms: TermDictionary | None = None, *,  # noqa: ANN001
                  forced_answer: bool = False, tolerance_mm: float = 1.0, out: Path | None = None,
                  examples: int = 2) -> None:  # fmt: skip
+        from ..engine import prompt_answer  # the engine module imports torch; keep this module light
+
         self.engine, self.seed, self.terms = engine, seed, terms
         self.forced_answer, self.tolerance_mm = forced_answer, tolerance_mm
+        self.answer = prompt_answer() if forced_answer else None
         self.examples_dir = Path(out) / "examples" if out is not None else None
         self.examples = examples
         self._shown: dict[str, int] = {}
@@ -210,9 +218,11 @@ class SegPredictor:
             return {**record, "skipped": "no description of this structure in the term dictionary"}
         rng = case_rng(self.seed, case.id)
         prompt = self._prompt(case, truth, rng)
-        answer = FORCED_ANSWER if self.forced_answer else None
-        result = self.engine.segment(handle, prompt.get("text"), prompt.get("points", ()), prompt.get("boxes", ()),
-                                     answer=answer, probabilities=True)  # fmt: skip
+        try:
+            result = self.engine.segment(handle, prompt.get("text"), prompt.get("points", ()),
+                                         prompt.get("boxes", ()), answer=self.answer, probabilities=True)  # fmt: skip
+        except IntensityScaleError as err:
+            return {**record, "skipped": SAM_INPUT_SKIPPED, "error": str(err)}
         if result.objects:
             probabilities = result.objects[0].probabilities.astype(np.float32)
         else:
