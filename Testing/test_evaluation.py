@@ -110,8 +110,9 @@ def test_recorded_dice_is_the_dice_of_the_engine_mask(seg_run, datasets, engine)
     box, text = record["prompt"]["boxes"][0], record["prompt"]["text"]  # Table 5: the referring text plus the box
     assert record["prompt"]["text_kind"] == "referring" and record["prompt"]["description"] in text
     result = engine.segment(engine.encode(volume, intensity="normalized"), text, (),
-                            [BoxPrompt(box[:3], box[3:])], answer="It is [SEG].")  # fmt: skip
-    scores = score_mask(result.objects[0].mask, truth, volume.spacing[::-1])
+                            [BoxPrompt(box[:3], box[3:])], answer="It is [SEG].", probabilities=True)  # fmt: skip
+    # scored as the runner scores it: the probabilities the engine returns (float16), not its float32 mask
+    scores = score_mask(result.objects[0].probabilities.astype(np.float32), truth, volume.spacing[::-1])
     assert record["dice"] == pytest.approx(scores.dice, abs=1e-9)
     assert record["truth_voxels"] == int(truth.sum())
 
