@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -152,7 +153,9 @@ def prepare(
             if on_progress:
                 on_progress(done, len(items), name)
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawned, not forked: a fork of a process whose torch/OpenMP threads have run can deadlock (seen in a test
+        # run: workers waiting on a futex forever)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(write_item, item, folder, grid, sam_window): item.name for item in todo}
             for future in futures:  # in submission order; workers run ahead
                 entries[futures[future]] = future.result()
