@@ -34,11 +34,11 @@ from .config import PRESETS, preset
 from .errors import CapacityError, InputError, WeightsError
 from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import MedVLSAM2Model, SegTarget
-from .preprocess import INTENSITIES, GridConfig, GridRecord, probabilities_from_model, sam_input, to_model
+from .preprocess import GridConfig, GridRecord, probabilities_from_model, sam_input, to_model
 from .prompts import BoxPrompt, PointPrompt
 from .results import Answer, ObjectMask, Report, SegmentResult
 from .templates import SEG_TOKEN, load_templates, vqa_question
-from .volume import Volume
+from .volume import INTENSITIES, Volume
 
 __all__ = [
     "InferenceEngine",

@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import InputError, IntensityScaleError
 from .prompts import BoxPrompt, PointPrompt, check_prompts_inside
-from .volume import Volume, orientation_transform, reorient_points
+from .volume import INTENSITIES, Volume, orientation_transform, reorient_points
 
 __all__ = [
     "INTENSITIES",
@@ -55,9 +55,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CANONICAL_AXCODES = "LPS"
-# How a volume's voxel values are given: "hu" (Hounsfield units) or "normalized" (an affine rescaling of HU, clipped
-# at the extremes at most: M3D-Seg's z-scores, min-max images).
-INTENSITIES = ("hu", "normalized")
 # Textbook CT numbers of the two tissues whose histogram peaks every body CT shows; they pin the HU scale of
 # normalised data (measured peaks on the real CTs in ../shared/data: fat -106..-81, soft tissue 23..90).
 FAT_HU = -100.0

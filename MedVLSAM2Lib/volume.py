@@ -25,6 +25,7 @@ from .errors import InputError
 
 __all__ = [
     "Volume",
+    "INTENSITIES",
     "VOLUME_SUFFIXES",
     "read_volume",
     "write_volume",
@@ -33,6 +34,10 @@ __all__ = [
     "orientation_transform",
     "reorient_points",
 ]
+
+# How a volume's voxel values are given: "hu" (Hounsfield units) or "normalized" (an affine rescaling of HU, clipped
+# at the extremes at most: M3D-Seg's z-scores, min-max images).
+INTENSITIES = ("hu", "normalized")
 
 logger = logging.getLogger(__name__)
 

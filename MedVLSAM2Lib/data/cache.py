@@ -43,7 +43,7 @@ CACHE_FORMAT = 1
 @dataclass
 class CacheItem:
     """One volume to convert: a name, a loader returning ``(volume, {category: mask KJI} or None)``, and how its
-    voxel values are given (``preprocess.INTENSITIES``: ``"hu"``, or ``"normalized"`` for M3D-Seg)."""
+    voxel values are given (``volume.INTENSITIES``: ``"hu"``, or ``"normalized"`` for M3D-Seg)."""
 
     name: str
     load: Callable[[], tuple[Volume, dict[str, np.ndarray] | None]]

@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError
-from ..preprocess import INTENSITIES
 from ..results import ObjectMask, SegmentResult
-from ..volume import Volume
+from ..volume import INTENSITIES, Volume
 
 __all__ = [
     "PROTOCOL_VERSION",
