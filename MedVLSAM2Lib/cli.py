@@ -286,7 +286,8 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError(f"{result.no_mask_reason()} Nothing written.")
     if output is not None:
         _write_masks(handle.volume, result.objects, output)
-    lines = [f"answer      {result.answer}"] + ([f"note        {result.message}"] if result.message else [])
+    lines = [f"answer      {result.answer}" if result.question else "prompts     alone (no question asked)"]
+    lines += [f"note        {result.message}"] if result.message else []
     lines += [f"mask        {o.label}: {int(o.mask.sum())} voxels, score {o.score:.3f}" for o in result.objects]
     _emit(args, data, "\n".join(lines + ([f"wrote       {output}"] if output else [])))
     return 0

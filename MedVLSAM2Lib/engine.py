@@ -33,7 +33,7 @@ import torch
 from .config import PRESETS, preset
 from .errors import CapacityError, InputError, WeightsError
 from .evaluation.choice import parse_choice, question_options
-from .model.medvlsam2 import MedVLSAM2Model, SegTarget
+from .model.medvlsam2 import AnswerMasks, MedVLSAM2Model, SegTarget
 from .preprocess import GridConfig, GridRecord, probabilities_from_model, sam_input, to_model
 from .prompts import BoxPrompt, PointPrompt
 from .results import Answer, ObjectMask, Report, SegmentResult
@@ -184,16 +184,15 @@ def segmentation_question(text: str) -> str:
 
 
 def prompt_answer() -> str:
-    """The answer through which points or a box segment when the generated answer has no ``[SEG]``: the first
-    semantic answer template (Figure 6's "It is [SEG].", also evaluation's ``--forced-answer``)."""
+    """The answer that evaluation's ``--forced-answer`` gives in place of a generated one: the first semantic answer
+    template (Figure 6's "It is [SEG].")."""
     return load_templates().semantic_answers[0]
 
 
 def _no_seg_message(answer: str, from_prompts: bool) -> str:
     """What the user is told when the generated ``answer`` has no ``[SEG]``."""
     if from_prompts:
-        return (f"The model's answer has no {SEG_TOKEN} ({answer!r}); the mask comes from your points or box, "
-                f"segmented through the answer {prompt_answer()!r}.")  # fmt: skip
+        return f"The model's answer has no {SEG_TOKEN} ({answer!r}); the mask comes from your points or box alone."
     return f"The model's answer has no {SEG_TOKEN} ({answer!r}), so it made no mask."
 
 
@@ -366,15 +365,17 @@ class InferenceEngine:
                 probabilities: bool = False) -> SegmentResult:  # fmt: skip
         """Segment from text, point/box prompts (IJK of the volume), or both.
 
-        The model answers the question built from ``text`` (:func:`segmentation_question`; a generic question
-        when only prompts are given); each ``[SEG]`` in its answer gives one mask, the prompts steer the
-        first. Points or a box always give a mask: when the generated answer has no ``[SEG]``, the prompts
-        segment through the answer template :func:`prompt_answer` and the result says so (``from_prompts``,
-        ``message``). ``answer`` replaces generation by a given answer (evaluating the mask path alone); it must
-        contain ``[SEG]``. ``probabilities`` also returns each mask's probabilities (for soft Dice).
+        With ``text``, the model answers the question built from it (:func:`segmentation_question`); each
+        ``[SEG]`` in its answer gives one mask, the prompts steer the first. Points or a box without text
+        segment alone, as in SAM2's interactive mode: no question is asked (``question`` and ``answer`` are
+        empty) and the mask does not depend on the language model. They also give the mask, alone, when the
+        answer to a text has no ``[SEG]``; the result then says so (``from_prompts``, ``message``). ``answer``
+        replaces generation by a given answer (evaluating the mask path alone); it must contain ``[SEG]``.
+        ``probabilities`` also returns each mask's probabilities (for soft Dice).
 
         Raises:
-            InputError: no text and no prompts, a prompt outside the volume, an ``answer`` without ``[SEG]``;
+            InputError: no text and no prompts, a prompt outside the volume, an ``answer`` without ``[SEG]`` or
+                without ``text``;
                 :class:`~MedVLSAM2Lib.errors.IntensityScaleError` (an ``InputError``): a normalised volume whose
                 HU scale cannot be estimated, so SAM2 has no input (:func:`~MedVLSAM2Lib.preprocess.sam_input`).
         """
@@ -382,12 +383,19 @@ class InferenceEngine:
             raise InputError("nothing to segment: give a text, point prompts or box prompts.")
         if answer is not None and SEG_TOKEN not in answer:
             raise InputError(f"a given answer must contain {SEG_TOKEN}, got {answer!r}.")
-        question = segmentation_question(text) if text is not None else load_templates().prompt_questions[0]
+        if answer is not None and text is None:
+            raise InputError("a given answer needs a text: points or a box alone ask no question.")
+        question = segmentation_question(text) if text is not None else ""
         timings: dict[str, float] = {}
         start = time.perf_counter()
         entry = self._entry(handle)
         points_model, boxes_model = entry.record.prompts_to_model(tuple(points), tuple(boxes))
+        prompted = SegTarget(None, tuple(points_model), tuple(boxes_model))
         timings["encode"] = time.perf_counter() - start
+        if text is None:
+            objects = self._prompted_object(handle, entry, prompted, probabilities, timings)
+            timings["total"] = time.perf_counter() - start
+            return SegmentResult("", "", objects, handle.volume.ijk_to_ras.copy(), timings, from_prompts=True)
         if answer is None:
             prompt, answer_ids = self._generate(entry, question, (), SEGMENT_TOKENS, None)
         else:
@@ -399,9 +407,10 @@ class InferenceEngine:
         message = "" if has_seg else _no_seg_message(answer_text, from_prompts)
         if message:
             logger.info(message)
-        mask_ids = self._token_ids(prompt_answer()) if from_prompts else answer_ids
-        prompted = SegTarget(None, tuple(points_model), tuple(boxes_model))
-        objects = self._objects(handle, entry, prompt, mask_ids, prompted, text, probabilities, timings)
+        if from_prompts:
+            objects = self._prompted_object(handle, entry, prompted, probabilities, timings, text)
+        else:
+            objects = self._objects(handle, entry, prompt, answer_ids, prompted, text, probabilities, timings)
         timings["total"] = time.perf_counter() - start
         return SegmentResult(question, answer_text, objects, handle.volume.ijk_to_ras.copy(), timings,
                              from_prompts=from_prompts, message=message)  # fmt: skip
@@ -417,23 +426,43 @@ class InferenceEngine:
         count = answer_ids.count(self.model.tokens.seg)
         if not count:
             return []
-        mark = time.perf_counter()
-        features = self._features(handle, entry)
-        timings["sam_encode"] = time.perf_counter() - mark
+        features = self._timed_features(handle, entry, timings)
         targets = [prompted] + [SegTarget()] * (count - 1)
         mark = time.perf_counter()
         with self._capacity("decoding masks"), self._autocast():
             masks = self.model.segment_answer(None, self._sam_image(handle, entry), prompt, answer_ids, targets,
                                               visual=entry.visual, features=features)  # fmt: skip
+        objects = self._object_masks(masks, _labels(text, self._decode(answer_ids), count), entry, probabilities)
+        timings["masks"] = time.perf_counter() - mark
+        return objects
+
+    def _prompted_object(self, handle: VolumeHandle, entry: _Encoded, prompted: SegTarget, probabilities: bool,
+                         timings: dict[str, float], text: str | None = None) -> list[ObjectMask]:  # fmt: skip
+        """The one mask of the user's points or box alone (no ``[SEG]`` state); named after a short ``text``."""
+        features = self._timed_features(handle, entry, timings)
+        mark = time.perf_counter()
+        with self._capacity("decoding masks"), self._autocast():
+            masks = self.model.segment_prompts(self._sam_image(handle, entry), prompted, features)
+        objects = self._object_masks(masks, _labels(text, "", 1), entry, probabilities)
+        timings["masks"] = time.perf_counter() - mark
+        return objects
+
+    def _timed_features(self, handle: VolumeHandle, entry: _Encoded, timings: dict[str, float]) -> dict:
+        mark = time.perf_counter()
+        features = self._features(handle, entry)
+        timings["sam_encode"] = time.perf_counter() - mark
+        return features
+
+    def _object_masks(self, masks: AnswerMasks, labels: list[str], entry: _Encoded,
+                      probabilities: bool) -> list[ObjectMask]:  # fmt: skip
+        """Model-grid masks → :class:`ObjectMask` per label on the volume's grid."""
         model_probabilities = masks.probabilities.float().cpu().numpy()
         scores = masks.object_scores.float().amax(dim=1).cpu().tolist()
         objects = []
-        for label, prob, score in zip(_labels(text, self._decode(answer_ids), count), model_probabilities, scores,
-                                      strict=True):  # fmt: skip
+        for label, prob, score in zip(labels, model_probabilities, scores, strict=True):
             on_volume = probabilities_from_model(prob, entry.record)
             kept = on_volume.astype(np.float16) if probabilities else None
             objects.append(ObjectMask(label, (on_volume > 0.5).astype(np.uint8), float(score), kept))
-        timings["masks"] = time.perf_counter() - mark
         return objects
 
     def describe(self) -> dict[str, Any]:

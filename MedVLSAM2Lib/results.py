@@ -52,8 +52,8 @@ class SegmentResult:
     """The model's answer and one :class:`ObjectMask` per ``[SEG]`` in it, on the grid of ``ijk_to_ras`` (the
     volume's own); ``timings`` in seconds.
 
-    ``from_prompts`` is ``True`` when the generated answer had no ``[SEG]`` but points or a box were given: the
-    one mask then comes from those prompts through the answer template (see ``InferenceEngine.segment``).
+    ``from_prompts`` is ``True`` when the one mask comes from points or a box alone: no text was given (``question``
+    and ``answer`` are then empty), or the answer to it had no ``[SEG]`` (see ``InferenceEngine.segment``).
     ``message`` says so, or that no mask was made, in a sentence for the user (empty when there is nothing to say).
     """
 

@@ -156,7 +156,8 @@ def segmentation_prompt(
 
 
 def prompt_only_prompt(rng: np.random.Generator, *, phrasings: int = 0) -> tuple[str, str]:
-    """A (question, answer) pair for interactive segmentation from points/boxes alone (no class name)."""
+    """A (question, answer) pair that carries a prompt-only training target (its points/box segment alone; the
+    ``[SEG]`` state of this generic question does not prompt SAM2)."""
     t = load_templates()
     return _pick(t.prompt_questions, rng, phrasings), _pick(t.semantic_answers, rng, phrasings)
 

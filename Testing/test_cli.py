@@ -141,13 +141,16 @@ def test_segment_writes_files_on_the_cts_own_grid(demo, tmp_path):
 
 
 def test_segment_says_when_the_prompts_alone_gave_the_mask(answer_without_seg, capsys):
-    """A tiny model whose answer has no [SEG]: the point still gives a mask, and the output says why."""
+    """A tiny model whose answer has no [SEG]: the point still gives a mask, and the output says why; a point
+    without text segments alone."""
     assert main(["segment", str(CT), "--text", "right lung", "--point", "60,60,15", "--preset", "tiny"]) == 0
     printed = capsys.readouterr().out
     assert "answer      No.\nnote        The model's answer has no [SEG] ('No.'); the mask comes from" in printed
     assert main(["segment", str(CT), "--point", "60,60,15", "--preset", "tiny", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["from_prompts"] and "points or box" in result["message"] and len(result["objects"]) == 1
+    result = json.loads(capsys.readouterr().out)  # the point alone: no question asked, nothing to explain
+    assert result["from_prompts"] and (result["question"], result["message"]) == ("", "") and len(result["objects"]) == 1
+    assert main(["segment", str(CT), "--point", "60,60,15", "--preset", "tiny"]) == 0
+    assert "prompts     alone (no question asked)\nmask        prompted structure:" in capsys.readouterr().out
     assert main(["segment", str(CT), "--text", "right lung", "--preset", "tiny"]) == 2
     assert "so it made no mask. Nothing written." in capsys.readouterr().err
 

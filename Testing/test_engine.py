@@ -9,7 +9,7 @@ import torch
 
 from MedVLSAM2Lib.config import preset
 from MedVLSAM2Lib.demo import default_inputs
-from MedVLSAM2Lib.engine import InferenceEngine, _labels, _split_report, prompt_answer, segmentation_question
+from MedVLSAM2Lib.engine import InferenceEngine, _labels, _split_report, segmentation_question
 from MedVLSAM2Lib.errors import CapacityError, InputError, IntensityScaleError
 from MedVLSAM2Lib.model.medvlsam2 import MedVLSAM2Model
 from MedVLSAM2Lib.preprocess import GridConfig, mask_to_model, sam_input
@@ -72,7 +72,7 @@ def test_a_box_in_the_inputs_ijk_prompts_the_model_grid_slice_that_holds_it(engi
     monkeypatch.setattr(
         segmenter, "forward", lambda f, lang, prompts=None: seen.append(prompts) or original(f, lang, prompts)
     )
-    engine.segment(engine.encode(volume), boxes=[box], answer=SEG)
+    engine.segment(engine.encode(volume), boxes=[box])
     (prompts,) = seen
     (z,) = prompts
     # geometry, independently of the prompt mapping: the box's voxels carried to the model grid as a mask
@@ -121,21 +121,37 @@ def test_a_normalized_volume_without_an_hu_estimate_still_gets_reports_and_answe
         engine.segment(handle, text="liver", answer=SEG)
 
 
+PROMPTS = {"points": {"points": [PointPrompt((30, 30, 10)), PointPrompt((34, 30, 10))]},
+           "box": {"boxes": [BoxPrompt((20, 20, 10), (40, 40, 10))]}}  # fmt: skip
+
+
 @pytest.mark.parametrize("prompt", ["points", "box"])
-def test_prompts_segment_through_the_answer_template_when_the_answer_has_no_seg(
-    engine, ct_files, answer_without_seg, prompt
-):
-    volume = read_volume(ct_files["nifti"])
-    handle = engine.encode(volume)
-    prompts = {"points": {"points": [PointPrompt((30, 30, 10)), PointPrompt((34, 30, 10))]},
-               "box": {"boxes": [BoxPrompt((20, 20, 10), (40, 40, 10))]}}[prompt]  # fmt: skip
-    expected = engine.segment(handle, "liver", **prompts, answer=prompt_answer())  # a given answer: no generation
-    result = engine.segment(handle, "liver", **prompts)
+def test_prompts_alone_segment_without_asking_the_language_model(engine, ct_files, prompt, monkeypatch):
+    handle = engine.encode(read_volume(ct_files["nifti"]))
+    monkeypatch.setattr(engine.model, "generate", _fail)
+    monkeypatch.setattr(engine.model, "hidden_states", _fail)
+    result = engine.segment(handle, **PROMPTS[prompt])
+    assert (result.question, result.answer, result.from_prompts, result.message) == ("", "", True, "")
+    (obj,) = result.objects
+    assert obj.label == "prompted structure" and obj.mask.shape == handle.volume.array.shape
+    assert "generate" not in result.timings and result.timings["masks"] > 0
+    with pytest.raises(InputError, match="a given answer needs a text"):
+        engine.segment(handle, **PROMPTS[prompt], answer=SEG)
+
+
+def _fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    raise AssertionError("the language model ran")
+
+
+@pytest.mark.parametrize("prompt", ["points", "box"])
+def test_prompts_segment_alone_when_the_answer_to_a_text_has_no_seg(engine, ct_files, answer_without_seg, prompt):
+    handle = engine.encode(read_volume(ct_files["nifti"]))
+    alone = engine.segment(handle, **PROMPTS[prompt])
+    result = engine.segment(handle, "liver", **PROMPTS[prompt])
     assert result.answer == answer_without_seg and result.from_prompts
-    assert "has no [SEG]" in result.message and "points or box" in result.message and prompt_answer() in result.message
-    (obj,) = result.objects  # the same mask as the template answer gives, on the volume's grid
-    assert np.array_equal(obj.mask, expected.objects[0].mask) and obj.label == "liver"
-    assert not expected.from_prompts and expected.message == ""
+    assert result.message == "The model's answer has no [SEG] ('No.'); the mask comes from your points or box alone."
+    (obj,) = result.objects  # the mask of the prompts alone, named after the text
+    assert np.array_equal(obj.mask, alone.objects[0].mask) and obj.label == "liver"
 
 
 def test_text_alone_without_seg_says_there_is_no_mask(engine, ct_files, answer_without_seg):

@@ -174,6 +174,7 @@ def test_prompt_only_and_point_shares_set_how_interactive_samples_are_asked(seg_
             sample = mixture[index]
             ((question, _),) = _turns(tokenizer, sample.input_ids)
             named = any(name in question for name in names)
+            assert sample.targets[0].language == named  # prompts alone: SAM2 gets no [SEG] state
             seen.append(("named" if named else "prompts only", "points" if sample.targets[0].points else "box"))
         return seen
 

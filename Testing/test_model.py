@@ -98,6 +98,36 @@ def test_batch_without_masks_keeps_every_trainable_parameter_in_the_graph(tiny_m
     model.set_trainable(STAGE_PARTS[3])
 
 
+def test_prompt_only_targets_segment_without_their_seg_state_and_keep_it_in_the_graph(tiny_model):
+    model = tiny_model
+    model.set_trainable(STAGE_PARTS[3] | {"sam_memory"})
+    depth, height, width = model.config.vision.img_size
+    truth = torch.zeros(depth, height, width)
+    truth[5:11, 20:40, 24:44] = 1
+    points = (PointPrompt((30.0, 28.0, 7.0)),)
+    conversation = [[("Segment the marked structure in this image.", "It is [SEG].")]]
+    model.zero_grad()
+    out = model(_batch(model, conversation, [[SegTarget(truth, points=points, language=False)]]))
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == [] and torch.isfinite(out.loss)  # DDP needs every parameter's gradient, zero or not
+    assert _grad_norm(model.seg_projector.parameters()) == 0  # the [SEG] state does not reach SAM2
+    assert _grad_norm(model.segmenter.sam.sam_prompt_encoder.parameters()) > 0
+    model.eval()
+    sam_image, target = torch.rand(1, depth, height, width), SegTarget(points=points)
+    alone = model.segment_prompts(sam_image, target)
+    states = torch.randn(2, 1, model.config.language.hidden_size)
+    with torch.inference_mode():  # whatever the [SEG] state, an object with language off gets the same mask
+        off = [model._segment_objects(sam_image[0], s, [SegTarget(points=points, language=False)])[0] for s in states]
+        on = [model._segment_objects(sam_image[0], s, [target])[0] for s in states]
+    assert torch.equal(off[0], off[1]) and torch.allclose(torch.sigmoid(off[0]), alone.probabilities)
+    assert not torch.equal(on[0], on[1])
+    with pytest.raises(InputError, match="needs point or box prompts"):
+        model.segment_prompts(sam_image, SegTarget())
+    model.train()
+    model.set_trainable(STAGE_PARTS[3])
+
+
 def test_sam2_parts_cover_every_used_parameter_once(tiny_model):
     from MedVLSAM2Lib.model.medvlsam2 import UNUSED_SAM2
 

@@ -80,8 +80,7 @@ def test_remote_results_equal_local_bit_for_bit(server, engine, volumes):
         _same_segmentation(client.segment(remote, text="liver"), engine.segment(local, text="liver"))
         _same_segmentation(client.segment(remote, text="spleen", boxes=[BOX], points=POINTS),
                            engine.segment(local, text="spleen", boxes=[BOX], points=POINTS))  # fmt: skip
-        _same_segmentation(client.segment(remote, points=POINTS, answer="It is [SEG]."),
-                           engine.segment(local, points=POINTS, answer="It is [SEG]."))  # fmt: skip
+        _same_segmentation(client.segment(remote, points=POINTS), engine.segment(local, points=POINTS))
         question = "Which organ is enlarged? (a) liver (b) spleen"
         for kind in ("short", "choice"):
             r, o = client.ask(remote, question, kind=kind), engine.ask(local, question, kind=kind)
@@ -121,7 +120,7 @@ def test_eight_concurrent_clients_never_cross(server, engine, volumes):
     for volume in mine:
         handle = engine.encode(volume)
         expected.append({"liver": engine.segment(handle, text="liver"),
-                         "box": engine.segment(handle, boxes=[BOX], answer="It is [SEG]."),
+                         "box": engine.segment(handle, boxes=[BOX]),
                          **{q: engine.ask(handle, q).text for q in asks}})  # fmt: skip
 
     def work(n: int) -> int:
@@ -132,7 +131,7 @@ def test_eight_concurrent_clients_never_cross(server, engine, volumes):
             if kind == 0:
                 _same_segmentation(client.segment(handle, text="liver"), expected[n]["liver"])
             elif kind == 1:
-                _same_segmentation(client.segment(handle, boxes=[BOX], answer="It is [SEG]."), expected[n]["box"])
+                _same_segmentation(client.segment(handle, boxes=[BOX]), expected[n]["box"])
             elif kind in (2, 3):
                 assert client.ask(handle, asks[kind - 2]).text == expected[n][asks[kind - 2]]
             else:
@@ -212,7 +211,7 @@ def test_bad_requests_get_status_code_and_message_and_the_server_stays_healthy(s
     assert (status, code) == (400, "protocol_mismatch") and "client speaks protocol 2, this server 1" in message
     # the server is still healthy and correct
     assert requests.get(f"{server}/healthz", timeout=5).ok
-    assert client.segment(handle, boxes=[BOX], answer="It is [SEG].").objects[0].mask.shape == handle.shape_kji
+    assert client.segment(handle, boxes=[BOX]).objects[0].mask.shape == handle.shape_kji
     log = server_log.read_text()
     assert "POST /sessions" in log and KEY not in log and "wrong-key" not in log and "Traceback" not in log
 

@@ -126,7 +126,7 @@ def test_nothing_is_overwritten_silently_and_undo_restores(scene, engine):
     assert np.array_equal(logic.maskFromSegment(nodes["segmentation"], first, nodes["volume"]), before)
     # refine replaces the chosen segment's voxels; one undo brings them back
     nodes["roi"].SetSize(12, 12, 6)
-    logic.segment(nodes["volume"], nodes["segmentation"], roiNode=nodes["roi"], segmentId=first, answer=SEG)
+    logic.segment(nodes["volume"], nodes["segmentation"], roiNode=nodes["roi"], segmentId=first)  # the box alone
     refined = logic.maskFromSegment(nodes["segmentation"], first, nodes["volume"])
     assert not np.array_equal(refined, before)
     assert logic.undo() and np.array_equal(logic.maskFromSegment(nodes["segmentation"], first, nodes["volume"]), before)

@@ -158,7 +158,7 @@ class SceneLogic:
     def runSegment(self, volume: Volume, **prompts):  # noqa: ANN003, ANN201
         """The backend call (no MRML access: safe on a worker thread); returns its ``SegmentResult``.
 
-        A result whose mask came from the points or box alone (the answer had no ``[SEG]``) carries a
+        A result whose mask came from the points or box alone because the answer had no ``[SEG]`` carries a
         ``message`` saying so; the engine logs it (in whichever process it runs) and the Widget shows it.
 
         Raises:

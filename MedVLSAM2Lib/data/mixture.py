@@ -6,7 +6,8 @@ Tasks: ``report`` (CT-RATE report generation), ``vqa`` (one CT-CHAT turn), ``sem
 ``referring`` (a term-dictionary description instead of the name), ``interactive`` (synthesised points, with odds
 ``point_share``, or a box on the model grid, plus the text of semantic or, with odds ``interactive_referring_share``,
 referring segmentation, as the paper's interactive protocol gives both; with odds ``prompt_only_share`` the prompts
-come with a generic question and no text instead).
+segment alone instead, as a user's clicks without text do: their target has ``language`` off, so SAM2 gets no
+``[SEG]`` state, and a generic question only carries the target in the one-``[SEG]``-per-target format).
 Semantic and referring samples ask about up to ``objects_per_sample`` structures of one volume in consecutive turns,
 one ``[SEG]`` each (LISA's and Sa2VA's ``num_classes_per_sample``); interactive samples about up to
 ``interactive_objects``, each with prompts of its own. Every step then contrasts structures of the same image (for
@@ -166,27 +167,32 @@ class TaskMixture(torch.utils.data.Dataset):
             category = present[int(index)]
             mask = cached.masks[cached.categories.index(category)]
             spoken = category.replace("_", " ")  # TotalSegmentator names use underscores, the term dictionary spaces
+            spoken_to = True
             if task == "interactive":
-                turns.append(self._interactive_turn(spoken, rng))
+                turn, spoken_to = self._interactive_turn(spoken, rng)
+                turns.append(turn)
             else:
                 terms = self.terms if task == "referring" and spoken in self.terms else None
                 turns.append(segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings))
             prompts = self._prompts(mask, rng) if task == "interactive" else ((), ())
-            targets.append(SegTarget(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)), *prompts))
+            mask_t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+            targets.append(SegTarget(mask_t, *prompts, language=spoken_to))
         ids, labels = self._encode(turns)
         image = torch.from_numpy(np.ascontiguousarray(cached.image))[None]
         return Sample(image, torch.from_numpy(np.ascontiguousarray(cached.sam_image)), ids, labels, targets)
 
-    def _interactive_turn(self, spoken: str, rng: np.random.Generator) -> tuple[str, str]:
-        """The (question, answer) of an interactive target: the semantic or referring text that goes with its
-        prompts (referring only where the term dictionary describes it), or the generic prompt-only question."""
+    def _interactive_turn(self, spoken: str, rng: np.random.Generator) -> tuple[tuple[str, str], bool]:
+        """The (question, answer) of an interactive target and whether its ``[SEG]`` state prompts SAM2: the
+        semantic or referring text that goes with its prompts (referring only where the term dictionary
+        describes it), or a prompt-only target, whose points or box segment alone (the generic question only
+        carries its mask in the batch's one-``[SEG]``-per-target format)."""
         if rng.random() < self.prompt_only_share:
-            return prompt_only_prompt(rng, phrasings=self.phrasings)
+            return prompt_only_prompt(rng, phrasings=self.phrasings), False
         share = self.interactive_referring_share
         # no draw at share 0: configurations without referring text sample exactly as before it existed
         described = share > 0 and self.terms is not None and spoken in self.terms
         terms = self.terms if described and rng.random() < share else None
-        return segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings)
+        return segmentation_prompt(spoken, rng, terms=terms, phrasings=self.phrasings), True
 
     def _slice_window(self, sam_image: np.ndarray, masks: np.ndarray,
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip

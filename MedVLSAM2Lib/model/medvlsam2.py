@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +55,14 @@ class SegTarget:
         mask: ``(D, H, W)`` float {0, 1} on the model grid (``None`` at inference).
         points: point prompts in model coordinates ``(w, h, d)``.
         boxes: box prompts in model coordinates (one slice thick: ``min d == max d``).
+        language: whether the ``[SEG]`` state prompts SAM2; ``False``: the points or box alone do (SAM2's
+            interactive mode, what a user's clicks without text get), so they must be given.
     """
 
     mask: torch.Tensor | None = None
     points: tuple[PointPrompt, ...] = ()
     boxes: tuple[BoxPrompt, ...] = ()
+    language: bool = True
 
 
 @dataclass
@@ -82,7 +85,7 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with every tensor (target masks included) on ``device``."""
-        targets = [[SegTarget(None if t.mask is None else t.mask.to(device), t.points, t.boxes) for t in row]
+        targets = [[replace(t, mask=None if t.mask is None else t.mask.to(device)) for t in row]
                    for row in self.targets]  # fmt: skip
         return Batch(self.image.to(device), self.sam_image.to(device), self.input_ids.to(device),
                      self.attention_mask.to(device), self.labels.to(device), targets)  # fmt: skip
@@ -271,30 +274,39 @@ class MedVLSAM2Model(nn.Module):
         }
 
     def _segment_objects(
-        self, sam_image: torch.Tensor, seg_tokens: torch.Tensor, targets: list[SegTarget], features: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, sam_image: torch.Tensor, seg_tokens: torch.Tensor | None, targets: list[SegTarget],
+        features: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """For one volume: mask logits ``(n, D, H, W)`` on the model grid, object logits ``(n, D)``, and the
         decoder's logits before SAM2's object-score gate ``(n, D, H, W)`` (what the mask loss trains).
 
-        Objects without point/box prompts share one batched pass; prompted objects run one by one.
-        ``features`` are the volume's cached :meth:`sam_features` (computed here when not given).
+        Objects without point/box prompts share one batched pass; prompted objects run one by one, without
+        their ``[SEG]`` state where ``language`` is off (``seg_tokens`` may then be ``None``). ``features`` are
+        the volume's cached :meth:`sam_features` (computed here when not given).
         """
         grid = tuple(sam_image.shape)
-        device = seg_tokens.device
+        device = sam_image.device
+        plain = [n for n, t in enumerate(targets) if not (t.points or t.boxes)]
+        if any(not targets[n].language for n in plain):
+            raise InputError("an object segmented without its [SEG] state needs point or box prompts.")
+        if seg_tokens is None and any(t.language for t in targets):
+            raise InputError("objects segmented through their [SEG] state need [SEG] hidden states.")
         features = self.sam_features(sam_image) if features is None else features
         # SAM2 runs in float32 (its position encodings build float32 tensors); use autocast for speed on GPU.
-        language = self.seg_projector(seg_tokens).float()  # (n, d_sam)
+        language = None if seg_tokens is None else self.seg_projector(seg_tokens).float()  # (n, d_sam)
         masks: list[torch.Tensor | None] = [None] * len(targets)
         objects: list[torch.Tensor | None] = [None] * len(targets)
         decoded: list[torch.Tensor | None] = [None] * len(targets)
-        plain = [n for n, t in enumerate(targets) if not (t.points or t.boxes)]
         groups = ([plain] if plain else []) + [[n] for n, t in enumerate(targets) if t.points or t.boxes]
         for group in groups:
             prompts = {} if group is plain else self._slice_prompts(targets[group[0]], grid)
             prompts = {z: SlicePrompts(p.coords.to(device), p.labels.to(device)) for z, p in prompts.items()}
-            out = self.segmenter(features, language[group], prompts)
+            spoken = targets[group[0]].language
+            out = self.segmenter(features, language[group] if spoken else None, prompts)
             logits = F.interpolate(out.mask_logits, size=grid[1:], mode="bilinear", align_corners=False)
             raw = F.interpolate(out.decoder_logits, size=grid[1:], mode="bilinear", align_corners=False)
+            if not spoken and language is not None:  # keeps the unused [SEG] state in the graph (DDP needs that)
+                raw = raw + language[group].sum() * 0.0
             for k, n in enumerate(group):
                 masks[n], objects[n], decoded[n] = logits[k], out.object_logits[k], raw[k]
         return torch.stack(masks), torch.stack(objects), torch.stack(decoded)
@@ -416,6 +428,14 @@ class MedVLSAM2Model(nn.Module):
         if len(targets) != len(positions):
             raise InputError(f"the answer has {len(positions)} [SEG] tokens but {len(targets)} prompt sets were given.")
         logits, objects, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets, features)
+        return AnswerMasks(torch.sigmoid(logits), torch.sigmoid(objects))
+
+    @torch.inference_mode()
+    def segment_prompts(self, sam_image: torch.Tensor, target: SegTarget, features: dict | None = None) -> AnswerMasks:
+        """The mask of one object from its points or box alone (no language model, no ``[SEG]``): SAM2's
+        interactive mode, as trained by samples whose target has ``language`` off."""
+        target = replace(target, language=False)
+        logits, objects, _ = self._segment_objects(sam_image[0], None, [target], features)
         return AnswerMasks(torch.sigmoid(logits), torch.sigmoid(objects))
 
 

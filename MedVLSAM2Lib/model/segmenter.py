@@ -3,7 +3,8 @@
 - SAM2 is built in Python from ``sam2``'s modules (no YAML files, no Hydra composition), with SAM2.1's
   settings, so the released ``sam2.1_hiera_*.pt`` checkpoints load strictly.
 - The ``[SEG]`` embedding (``(B, 256)``, one per object) is appended after the point/box sparse
-  embeddings on every slice (:class:`LanguagePromptEncoder`).
+  embeddings on every slice (:class:`LanguagePromptEncoder`). Without it (``language=None``), points or a box
+  alone prompt SAM2 as in SAM2's own interactive mode: the prompted slice conditions, memory tracks the rest.
 - Slices run through SAM2's ``_track_step`` with memory attention: the prompted slices (or, with
   text only, the middle slice) are conditioning slices; tracking then goes outward in both
   directions. The same code runs in training (differentiable) and inference.
@@ -221,22 +222,25 @@ class VolumeSegmenter(nn.Module):
         return {"feats": feats, "pos": pos, "sizes": sizes, "num_slices": slices.shape[0]}
 
     def forward(
-        self, features: dict, language: torch.Tensor, prompts: dict[int, SlicePrompts] | None = None
+        self, features: dict, language: torch.Tensor | None, prompts: dict[int, SlicePrompts] | None = None
     ) -> SegmenterOutput:
         """Segment ``B`` objects through all slices.
 
         Args:
             features: from :meth:`encode` (one volume).
-            language: ``(B, d_model)`` projected ``[SEG]`` embeddings, one per object.
+            language: ``(B, d_model)`` projected ``[SEG]`` embeddings, one per object; ``None``: one object
+                prompted by ``prompts`` alone.
             prompts: slice index → point/box prompts on that slice (conditioning slices).
 
         Returns:
             :class:`SegmenterOutput` with per-slice logits in slice order.
         """
         prompts = prompts or {}
-        depth, batch = features["num_slices"], language.shape[0]
+        if language is None and not prompts:
+            raise ValueError("an object without a [SEG] embedding needs point or box prompts.")
+        depth, batch = features["num_slices"], 1 if language is None else language.shape[0]
         encoder = self.sam.sam_prompt_encoder
-        encoder.language_tokens = language[:, None, :]
+        encoder.language_tokens = None if language is None else language[:, None, :]
         try:
             outputs = self._run(features, prompts, depth, batch)
         finally:
