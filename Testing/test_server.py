@@ -196,7 +196,7 @@ def test_bad_requests_get_status_code_and_message_and_the_server_stays_healthy(s
         404,
         "session_not_found",
     )
-    body = {"points": [{"ijk": [5000, 10, 10], "label": 1}], "answer": "It is [SEG]."}
+    body = {"points": [{"ijk": [5000, 10, 10], "label": 1}]}
     status, code, message = _error(requests.post(segment_url, json=body, headers=auth, timeout=30))
     assert (status, code) == (400, "bad_input") and "is outside the volume" in message
     with pytest.raises(InputError, match="is outside the volume"):
