@@ -68,6 +68,9 @@ def test_dice_matches_monai_and_hand_computed_values(liver):
     full = np.ones((4, 4, 4), bool)
     assert score_mask(half, full, (1, 1, 1)).dice == pytest.approx(2 * 32 / (32 + 64))
     assert score_mask(~half, half, (1, 1, 1)).dice == 0.0
+    near = np.where(half, 0.5002, 0.0).astype(np.float16)  # 0.5002 (above 0.5) is 0.5 in float16: not above it
+    assert score_mask(near.astype(np.float32), full, (1, 1, 1)).dice == 0.0
+    assert score_mask(near.astype(np.float32), full, (1, 1, 1), mask=half).dice == pytest.approx(2 * 32 / 96)
 
 
 def test_soft_dice_is_m3ds_smoothed_dice_on_probabilities():

@@ -111,9 +111,10 @@ def test_recorded_dice_is_the_dice_of_the_engine_mask(seg_run, datasets, engine)
     assert record["prompt"]["text_kind"] == "referring" and record["prompt"]["description"] in text
     result = engine.segment(engine.encode(volume, intensity="normalized"), text, (),
                             [BoxPrompt(box[:3], box[3:])], answer="It is [SEG].", probabilities=True)  # fmt: skip
-    # scored as the runner scores it: the probabilities the engine returns (float16), not its float32 mask
-    scores = score_mask(result.objects[0].probabilities.astype(np.float32), truth, volume.spacing[::-1])
-    assert record["dice"] == pytest.approx(scores.dice, abs=1e-9)
+    # hard Dice on the engine's own mask (thresholded in float32), soft Dice on the float16 probabilities it keeps
+    (obj,) = result.objects
+    scores = score_mask(obj.probabilities.astype(np.float32), truth, volume.spacing[::-1], mask=obj.mask)
+    assert record["dice"] == pytest.approx(scores.dice, abs=1e-9) and record["soft_dice"] == scores.soft_dice
     assert record["truth_voxels"] == int(truth.sum())
 
 

@@ -38,13 +38,16 @@ def soft_dice(probabilities: np.ndarray, truth: np.ndarray, smooth: float = 1.0)
 
 
 def score_mask(probabilities: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *,
-               threshold: float = 0.5, tolerance_mm: float = 1.0) -> MaskScores:  # fmt: skip
-    """Hard Dice (``probabilities > threshold``), soft Dice and surface Dice at ``tolerance_mm``.
+               threshold: float = 0.5, tolerance_mm: float = 1.0, mask: np.ndarray | None = None) -> MaskScores:  # fmt: skip
+    """Hard Dice (``probabilities > threshold``, or the given ``mask``), soft Dice and surface Dice at
+    ``tolerance_mm``.
 
     Args:
         probabilities: prediction, ``(K, J, I)`` in [0, 1] (a binary mask works too).
         truth: ground truth of the same shape.
         spacing: voxel size in mm along the array axes ``(k, j, i)``.
+        mask: the hard prediction when it was thresholded at a higher precision than ``probabilities`` keep
+            (the engine's masks come from float32, its kept probabilities are float16).
     """
     import torch
     from monai.metrics import compute_dice, compute_surface_dice
@@ -54,7 +57,9 @@ def score_mask(probabilities: np.ndarray, truth: np.ndarray, spacing: Sequence[f
         raise InputError(f"prediction {probabilities.shape} and ground truth {truth.shape} must be one 3D shape.")
     if len(spacing) != 3 or min(spacing) <= 0:
         raise InputError(f"spacing must be three positive millimetre values, got {list(spacing)}.")
-    predicted = probabilities > threshold
+    predicted = probabilities > threshold if mask is None else np.asarray(mask) > 0
+    if predicted.shape != truth.shape:
+        raise InputError(f"mask {predicted.shape} and ground truth {truth.shape} must be one 3D shape.")
     counts = int(truth.sum()), int(predicted.sum())
     if counts[0] == 0:
         return MaskScores(None, None, None, *counts, empty_truth=True)

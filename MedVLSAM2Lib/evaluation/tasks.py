@@ -223,12 +223,12 @@ class SegPredictor:
                                          prompt.get("boxes", ()), answer=self.answer, probabilities=True)  # fmt: skip
         except IntensityScaleError as err:
             return {**record, "skipped": SAM_INPUT_SKIPPED, "error": str(err)}
-        if result.objects:
-            probabilities = result.objects[0].probabilities.astype(np.float32)
+        if result.objects:  # hard Dice on the engine's mask (thresholded in float32), soft Dice on probabilities
+            probabilities, mask = result.objects[0].probabilities.astype(np.float32), result.objects[0].mask > 0
         else:
-            probabilities = np.zeros(truth.shape, np.float32)
-        scores = score_mask(probabilities, truth, volume.spacing[::-1], tolerance_mm=self.tolerance_mm)
-        self._keep_example(case, volume.array, truth, probabilities > 0.5)
+            probabilities, mask = np.zeros(truth.shape, np.float32), np.zeros(truth.shape, bool)
+        scores = score_mask(probabilities, truth, volume.spacing[::-1], tolerance_mm=self.tolerance_mm, mask=mask)
+        self._keep_example(case, volume.array, truth, mask)
         return {**record, **scores.to_dict(), "answer": result.answer, "masks": len(result.objects),
                 "from_prompts": result.from_prompts, "prompt": _json_prompt(prompt),
                 "seconds": result.timings["total"]}  # fmt: skip
