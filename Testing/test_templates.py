@@ -12,7 +12,8 @@ from MedVLSAM2Lib.templates import SEG_TOKEN, TermDictionary, load_templates, re
 def test_packaged_templates_are_the_papers_figures_5_to_7_as_printed(paper_facts):
     paper, templates = paper_facts["templates"], load_templates()
     assert list(templates.report_questions) == paper["report_questions_fig5"]  # duplicates kept, order kept
-    assert list(templates.semantic_questions) == [q.replace("{class_name}", "{}") for q in paper["semantic_questions_fig6"]]
+    semantic = [q.replace("{class_name}", "{}") for q in paper["semantic_questions_fig6"]]
+    assert list(templates.semantic_questions) == semantic
     assert list(templates.semantic_answers) == paper["semantic_answers_fig6"]
     assert list(templates.referring_questions) == paper["referring_questions_fig7"]
     assert list(templates.referring_answers) == paper["referring_answers_fig7"]

@@ -37,8 +37,8 @@ def soft_dice(probabilities: np.ndarray, truth: np.ndarray, smooth: float = 1.0)
     return float((2.0 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth))
 
 
-def score_mask(probabilities: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *,
-               threshold: float = 0.5, tolerance_mm: float = 1.0, mask: np.ndarray | None = None) -> MaskScores:  # fmt: skip
+def score_mask(probabilities: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *, threshold: float = 0.5,
+               tolerance_mm: float = 1.0, mask: np.ndarray | None = None) -> MaskScores:  # fmt: skip
     """Hard Dice (``probabilities > threshold``, or the given ``mask``), soft Dice and surface Dice at
     ``tolerance_mm``.
 

@@ -47,8 +47,9 @@ class TrainConfig:
         slice_window: SAM2 runs on this many consecutive model-grid slices of each segmentation sample, at a
             random depth (0: all slices). Cuts the cost of a step in proportion; the ViT still sees the whole volume.
         prompt_only_share: share of interactive samples whose points or box segment alone, without a ``[SEG]``
-            state (SAM2's interactive mode: what a user's clicks without text get). 0 (the paper): every interactive sample carries the text of semantic or referring segmentation
-            plus its prompts, as the paper's interactive protocol (Table 5) gives them.
+            state (SAM2's interactive mode: what a user's clicks without text get). 0 (the paper): every
+            interactive sample carries the text of semantic or referring segmentation plus its prompts, as the
+            paper's interactive protocol (Table 5) gives them.
         point_share: share of interactive samples prompted with points (the rest with a box).
         interactive_referring_share: share of the interactive samples with text whose text is a referring
             description (term dictionary) rather than the class name; Table 5 evaluates with the referring text.
