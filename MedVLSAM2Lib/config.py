@@ -175,6 +175,11 @@ class SegmenterConfig:
         memory_layers: memory-attention layers (4 released).
         num_maskmem: memory bank size (7 released).
         window: CT window ``(low, high)`` in HU that slices are clipped to before ImageNet normalisation.
+        prompt_object_token: for points or a box alone (no ``[SEG]`` state), the prompted slice's object pointer
+            fills the ``[SEG]`` embedding's slot on the slices SAM2 tracks, so that which object it is does not
+            rest on memory attention alone. For SAM2s that start random (the tiny preset): their memory path did
+            not learn to carry it in minutes (``bench/results/points_alone_trials.md``). Off, SAM2's own
+            interactive mode, which SAM2.1's released weights were trained for.
     """
 
     variant: str = "large"
@@ -190,6 +195,7 @@ class SegmenterConfig:
     memory_layers: int = 4
     num_maskmem: int = 7
     window: tuple[float, float] = (-160.0, 240.0)
+    prompt_object_token: bool = False
 
     def __post_init__(self) -> None:
         self.stages, self.global_att_blocks = tuple(self.stages), tuple(self.global_att_blocks)
@@ -293,7 +299,7 @@ def _tiny() -> ModelConfig:
                                 max_position_embeddings=512, initializer_range=0.1),
         segmenter=SegmenterConfig(variant="custom", image_size=128, embed_dim=16, num_heads=1, stages=(1, 1, 2, 1),
                                   global_att_blocks=(3,), window_spec=(8, 4, 14, 7), d_model=64, mem_dim=32,
-                                  memory_layers=1, num_maskmem=4),
+                                  memory_layers=1, num_maskmem=4, prompt_object_token=True),
     )  # fmt: skip
 
 

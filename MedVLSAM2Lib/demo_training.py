@@ -42,7 +42,7 @@ __all__ = [
 DEMO_STRUCTURES = ("right lung", "left lung")
 VOLUME_NAME = "demo_ct"
 FAST = 1e-3
-# The recipe, in three phases of these steps (the default fine-tune, ``demo.DEFAULT_STEPS``, is their sum; another
+# The recipe, in five phases of these steps (the default fine-tune, ``demo.DEFAULT_STEPS``, is their sum; another
 # length scales them all). Measured on 2 CPU cores:
 # 1. text (stage 2, fast): the report and the choice answer; cheap steps (no SAM2 pass).
 # 2. lungs by name (stage 3): the decoder first learns "a lung" for either name (Dice ~0.6 for each, both lungs
@@ -51,24 +51,37 @@ FAST = 1e-3
 #    kernel set never left the plateau). The LLM's LoRA is fast here: with a slow LLM the [SEG] states of
 #    "right lung" and "left lung" stayed ~10 % apart. The report is rehearsed so that it is not forgotten, and
 #    the rate is constant so that a late escape is not starved by the decay.
-# 3. every task (cosine decay): referring and interactive samples join.
+# 3. every task (cosine decay): referring and interactive samples join (half of the interactive ones with the
+#    name, half with the points or box alone).
+# 4. points on one slice: SAM2's prompt path (random, unlike SAM2.1's) learns to follow three points on the
+#    slice they are on; a step sees one slice, so it is cheap.
+# 5. prompts through the volume: the prompted slice's object pointer, the tracked slices' object token
+#    (``SegmenterConfig.prompt_object_token``), learns to say which lung; names are rehearsed.
+# Phases 4 and 5 ask for both lungs per sample by their prompts alone and keep the language side frozen (its
+# [SEG] states are not used by prompts alone; freezing it also spares the LLM's backward pass).
 # SAM2 sees 8 consecutive slices of the 16 per sample (``slice_window``), which halves a step's cost. SAM2's
-# slice encoder and memory path stay as initialised (they train in the paper's recipe; see the README).
-# Points alone (no text) are not taught: phases that teach them with the language side frozen
-# (``frozen_parts``, ``interactive_objects``, ``prompt_only_share``) worked on some CPU kernel sets and not on
-# others (``bench/results/points_recipe_trials.md``).
+# slice encoder stays as initialised, its memory path trains in phase 5 only (both train in the paper's recipe).
+# What had made points alone fail (``bench/results/points_alone_trials.md``): with the generic question's [SEG]
+# state as their token, the tracked slices followed the lung that state had come to mean; with no token at all,
+# the random memory path did not carry which lung the points were on beyond 2-3 slices.
 # The interactive text shares are pinned at the values the recipe was measured with (half the interactive samples
 # named, none described), not the paper's defaults of TrainConfig: the demo's data stream stays as validated.
 COMMON = {"preset": "tiny", "objects_per_sample": 2, "phrasings": 1, "augmentation": False,
           "samples_per_epoch": 100000, "warmup_ratio": 0.03, "slice_window": 8, "prompt_only_share": 0.5,
           "interactive_referring_share": 0.0}  # fmt: skip
 SEGMENTATION = {"stage": 3, "lr": 1e-4, "lr_per_part": {"seg_projector": 3 * FAST, "sam_decoder": FAST, "lora": FAST}}
+PROMPTS_ALONE = {"stage": 3, "lr": FAST, "frozen_parts": ["vision", "projector", "lora", "seg_projector"],
+                 "prompt_only_share": 1.0, "interactive_objects": 2}  # fmt: skip
 PHASES = (
     ("reports and answers", 70, {"stage": 2, "lr": FAST, "task_weights": {"report": 1.0, "vqa": 1.0}}),
     ("lungs by name", 420, {**SEGMENTATION, "schedule": "constant",
                             "task_weights": {"semantic": 1.0, "report": 0.3, "vqa": 0.1}}),
     ("every task", 210, {**SEGMENTATION, "task_weights": {"semantic": 1.0, "referring": 1.0, "interactive": 1.0,
                                                           "report": 0.5, "vqa": 0.2}}),
+    ("points on one slice", 150, {**PROMPTS_ALONE, "schedule": "constant", "slice_window": 1, "point_share": 1.0,
+                                  "task_weights": {"interactive": 1.0}}),
+    ("prompts through the volume", 150, {**PROMPTS_ALONE, "train_sam_memory": True, "point_share": 0.75,
+                                         "task_weights": {"interactive": 2.0, "semantic": 1.0}}),
 )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from MedVLSAM2Lib.model.language import (
 )
 from MedVLSAM2Lib.model.medvlsam2 import SegTokenProjector
 from MedVLSAM2Lib.model.projector import build_projector
-from MedVLSAM2Lib.model.segmenter import VolumeSegmenter, prepare_slices
+from MedVLSAM2Lib.model.segmenter import SlicePrompts, VolumeSegmenter, prepare_slices
 from MedVLSAM2Lib.model.vision import VisionEncoder3D
 
 
@@ -159,6 +159,29 @@ def test_backward_sweep_does_not_read_slices_beyond_the_conditioning_slice():
     before, after = _segment(segmenter, volume, language), _segment(segmenter, changed, language)
     assert torch.equal(before[0, : c + 1], after[0, : c + 1])  # slices <= c never see slice c + 2
     assert not torch.equal(before[0, c + 3], after[0, c + 3])  # but slice c + 3 does, through memory
+
+
+def test_prompts_alone_give_the_tracked_slices_the_prompted_slices_object_pointer():
+    """Without a [SEG] embedding, tracked slices get the conditioning slice's object pointer as their object token
+    (``prompt_object_token``, the tiny preset) or nothing (SAM2's own mode); the prompted slice is the same."""
+    torch.manual_seed(0)
+    config = preset("tiny").segmenter
+    segmenter = VolumeSegmenter(config).eval()
+    features = segmenter.encode(prepare_slices(torch.rand(6, 64, 64), 128))
+    prompts = {2: SlicePrompts(torch.tensor([[[40.0, 50.0], [44.0, 52.0]]]), torch.tensor([[1, 1]]))}
+    seen = []
+    encoder = segmenter.sam.sam_prompt_encoder
+    hook = encoder.register_forward_hook(lambda m, i, out: seen.append(m.language_tokens))
+    with torch.no_grad():
+        with_token = segmenter(features, None, prompts).mask_logits
+        config.prompt_object_token = False
+        without = segmenter(features, None, prompts).mask_logits
+    hook.remove()
+    assert seen[0] is None and all(t is not None and t.shape == (1, 1, 64) for t in seen[1:6])
+    assert all(t is None for t in seen[6:]) and encoder.language_tokens is None
+    assert torch.equal(with_token[:, 2], without[:, 2]) and not torch.equal(with_token[:, 3], without[:, 3])
+    with pytest.raises(ValueError, match="needs point or box prompts"):
+        segmenter(features, None, {})
 
 
 def test_decoder_logits_are_the_mask_logits_before_the_object_score_gate():

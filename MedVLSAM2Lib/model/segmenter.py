@@ -4,7 +4,9 @@
   settings, so the released ``sam2.1_hiera_*.pt`` checkpoints load strictly.
 - The ``[SEG]`` embedding (``(B, 256)``, one per object) is appended after the point/box sparse
   embeddings on every slice (:class:`LanguagePromptEncoder`). Without it (``language=None``), points or a box
-  alone prompt SAM2 as in SAM2's own interactive mode: the prompted slice conditions, memory tracks the rest.
+  alone prompt SAM2 as in SAM2's own interactive mode: the prompted slice conditions, memory tracks the rest;
+  with ``prompt_object_token``, the prompted slice's object pointer also takes the ``[SEG]`` embedding's slot on
+  the tracked slices.
 - Slices run through SAM2's ``_track_step`` with memory attention: the prompted slices (or, with
   text only, the middle slice) are conditioning slices; tracking then goes outward in both
   directions. The same code runs in training (differentiable) and inference.
@@ -241,8 +243,9 @@ class VolumeSegmenter(nn.Module):
         depth, batch = features["num_slices"], 1 if language is None else language.shape[0]
         encoder = self.sam.sam_prompt_encoder
         encoder.language_tokens = None if language is None else language[:, None, :]
+        object_token = language is None and self.config.prompt_object_token
         try:
-            outputs = self._run(features, prompts, depth, batch)
+            outputs = self._run(features, prompts, depth, batch, object_token)
         finally:
             encoder.language_tokens = None
         masks = torch.stack([outputs[z]["pred_masks"][:, 0] for z in range(depth)], dim=1)
@@ -257,7 +260,9 @@ class VolumeSegmenter(nn.Module):
         backward = [(z, True) for z in range(cond[0] - 1, -1, -1)]
         return cond, forward + backward
 
-    def _run(self, features: dict, prompts: dict[int, SlicePrompts], depth: int, batch: int) -> dict[int, dict]:
+    def _run(self, features: dict, prompts: dict[int, SlicePrompts], depth: int, batch: int,
+             object_token: bool = False) -> dict[int, dict]:  # fmt: skip
+        """``object_token``: after the conditioning slices, their mean object pointer is the tracked slices' token."""
         memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         outputs: dict[int, dict] = {}
         cond, order = self._order(prompts, depth)
@@ -266,6 +271,9 @@ class VolumeSegmenter(nn.Module):
         for z in cond:
             outputs[z] = self._step(features, z, True, prompts.get(z), memory, batch, reverse=False)
             memory["cond_frame_outputs"][z] = outputs[z]
+        if object_token:
+            pointer = torch.stack([outputs[z]["obj_ptr"] for z in cond]).mean(dim=0)
+            self.sam.sam_prompt_encoder.language_tokens = pointer[:, None, :]
         backward = {"cond_frame_outputs": memory["cond_frame_outputs"], "non_cond_frame_outputs": {}}
         for z, reverse in order:
             # each direction keeps its own tracked memories (as MedSAM2 resets between directions): the
