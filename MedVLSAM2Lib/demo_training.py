@@ -143,14 +143,16 @@ def write_corpus(volume: Volume, segmentation: Segmentation, folder: Path) -> De
 
 
 def phase_steps(steps: int) -> list[int]:
-    """Steps of each phase in a fine-tune of ``steps`` in all: :data:`PHASES`' counts scaled, each at least one."""
+    """Steps of each phase in a fine-tune of ``steps`` in all: :data:`PHASES`' counts scaled (largest remainders),
+    each at least one."""
     if steps < len(PHASES):
         raise InputError(f"fine-tuning steps must be >= {len(PHASES)}, got {steps}.")
-    ends = np.cumsum([count for _, count, _ in PHASES])
-    bounds = [round(float(end) * steps / float(ends[-1])) for end in ends]
-    counts = [max(1, b - a) for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
-    counts[counts.index(max(counts))] -= sum(counts) - steps
-    return counts
+    exact = np.array([count for _, count, _ in PHASES], dtype=float) * steps / sum(c for _, c, _ in PHASES)
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact)[: steps - counts.sum()]] += 1
+    for empty in np.flatnonzero(counts == 0):
+        counts[empty], counts[counts.argmax()] = 1, counts.max() - 1
+    return [int(c) for c in counts]
 
 
 def fine_tune(corpus: DemoCorpus, output: Path, steps: int, seed: int = 0,
