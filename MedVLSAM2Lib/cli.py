@@ -164,7 +164,7 @@ def _demo(args: argparse.Namespace) -> int:
         need = f"{needed[task.task]:.2f}" if task.task in needed else "-"
         print(
             f"{task.task:<12}{task.target:<12}{task.dice:>7.3f}{need:>7}{result.grid_dice[task.target]:>7.3f}  "
-            f"{task.answer}"
+            f"{task.answer or '(prompts alone, no question asked)'}"
         )
     print("wrote       " + "\n            ".join(str(p) for p in result.files))
     return 0
