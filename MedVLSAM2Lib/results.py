@@ -49,8 +49,8 @@ class ObjectMask:
 
 @dataclass
 class SegmentResult:
-    """The model's answer and one :class:`ObjectMask` per ``[SEG]`` in it, on the grid of ``ijk_to_ras`` (the
-    volume's own); ``timings`` in seconds.
+    """The model's answer and one :class:`ObjectMask` per ``[SEG]`` in it (or the one mask of points or a box
+    alone), on the grid of ``ijk_to_ras`` (the volume's own); ``timings`` in seconds.
 
     ``from_prompts`` is ``True`` when the one mask comes from points or a box alone: no text was given (``question``
     and ``answer`` are then empty), or the answer to it had no ``[SEG]`` (see ``InferenceEngine.segment``).
