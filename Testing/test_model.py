@@ -144,6 +144,21 @@ def test_seg_token_count_must_match_targets(tiny_model):
         tiny_model(batch)
 
 
+def test_streamed_pieces_join_to_the_answer_when_a_character_spans_tokens(tiny_model):
+    from MedVLSAM2Lib.model.medvlsam2 import _CallbackStreamer
+
+    tokenizer = tiny_model.tokenizer
+    ids = tokenizer("a\u0769b \u65e0.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[1:2]) == "\ufffd"  # the tiny tokenizer splits these characters into bytes
+    pieces: list[str] = []
+    streamer = _CallbackStreamer(tokenizer, pieces.append)
+    streamer.put(torch.tensor([]))  # the prompt
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(pieces) == tokenizer.decode(ids) == "a\u0769b \u65e0." and "\ufffd" not in "".join(pieces)
+
+
 def test_generation_streams_and_segments_from_seg_tokens(tiny_model):
     model = tiny_model.eval()
     image = torch.rand(1, 1, *model.config.vision.img_size)

@@ -440,7 +440,10 @@ class MedVLSAM2Model(nn.Module):
 
 
 class _CallbackStreamer:
-    """Minimal transformers streamer: decodes new tokens and passes the new text to a callback."""
+    """Minimal transformers streamer: decodes new tokens and passes the new text to a callback.
+
+    A character whose UTF-8 bytes span several tokens decodes as U+FFFD until its last byte arrives, so trailing
+    U+FFFD is held back until then (or the end): the pieces then join to exactly the decoded answer."""
 
     def __init__(self, tokenizer, callback: Callable[[str], None]) -> None:  # noqa: ANN001
         self.tokenizer, self.callback = tokenizer, callback
@@ -453,10 +456,12 @@ class _CallbackStreamer:
             self.prompt_seen = True
             return
         self.ids.extend(value.flatten().tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd"))
+
+    def end(self) -> None:
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=False))
+
+    def _emit(self, text: str) -> None:
         if len(text) > len(self.text):
             self.callback(text[len(self.text) :])
             self.text = text
-
-    def end(self) -> None:
-        pass
