@@ -31,7 +31,7 @@ STAGES = {
     2: {"task_weights": {"report": 1}, "max_steps": 30, "batch_size": 2, "lr": 1e-3},
     # the LLM's LoRA fast too (with the report rehearsed): a slow LLM left each organ's [SEG] state ~10 % from the
     # others and whether the decoder ever told them apart depended on the CPU's rounding (see Training/README §5)
-    3: {"task_weights": {"semantic": 1, "report": 0.3}, "max_steps": 1200, "lr": 1e-4, "objects_per_sample": 4,
+    3: {"task_weights": {"semantic": 1, "report": 0.3}, "max_steps": 1500, "lr": 1e-4, "objects_per_sample": 4,
         "phrasings": 1, "slice_window": 8, "extra_parts": ["sam_image_encoder"],
         "lr_per_part": {"seg_projector": FAST, "sam_decoder": FAST, "sam_image_encoder": FAST, "lora": FAST}},
 }  # fmt: skip
