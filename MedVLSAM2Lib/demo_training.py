@@ -54,13 +54,17 @@ FAST = 1e-3
 # 3. every task (cosine decay): referring and interactive samples join (half of the interactive ones with the
 #    name, half with the points or box alone).
 # 4. points on one slice: SAM2's prompt path (random, unlike SAM2.1's) learns to follow three points on the
-#    slice they are on; a step sees one slice, so it is cheap.
+#    slice they are on; a step sees one slice, so it is cheap. With 150 steps the right lung's points also took
+#    part of the left lung on some CPU kernels (Dice 0.64-0.69); 400 steps fixed it on all three
+#    (``bench/results/points_phase_trials.md``).
 # 5. prompts through the volume: the prompted slice's object pointer, the tracked slices' object token
-#    (``SegmenterConfig.prompt_object_token``), learns to say which lung; names are rehearsed.
+#    (``SegmenterConfig.prompt_object_token``), learns to say which lung; names are rehearsed. Four slices per
+#    sample teach it as well as eight did, at half the cost.
 # Phases 4 and 5 ask for both lungs per sample by their prompts alone and keep the language side frozen (its
 # [SEG] states are not used by prompts alone; freezing it also spares the LLM's backward pass).
-# SAM2 sees 8 consecutive slices of the 16 per sample (``slice_window``), which halves a step's cost. SAM2's
-# slice encoder stays as initialised, its memory path trains in phase 5 only (both train in the paper's recipe).
+# SAM2 sees 8 consecutive slices of the 16 per sample (``slice_window``; 1 and 4 in phases 4 and 5), which halves
+# a step's cost. SAM2's slice encoder stays as initialised, its memory path trains in phase 5 only (both train in
+# the paper's recipe).
 # What had made points alone fail (``bench/results/points_alone_trials.md``): with the generic question's [SEG]
 # state as their token, the tracked slices followed the lung that state had come to mean; with no token at all,
 # the random memory path did not carry which lung the points were on beyond 2-3 slices.
@@ -74,14 +78,14 @@ PROMPTS_ALONE = {"stage": 3, "lr": FAST, "frozen_parts": ["vision", "projector",
                  "prompt_only_share": 1.0, "interactive_objects": 2}  # fmt: skip
 PHASES = (
     ("reports and answers", 70, {"stage": 2, "lr": FAST, "task_weights": {"report": 1.0, "vqa": 1.0}}),
-    ("lungs by name", 420, {**SEGMENTATION, "schedule": "constant",
+    ("lungs by name", 360, {**SEGMENTATION, "schedule": "constant",
                             "task_weights": {"semantic": 1.0, "report": 0.3, "vqa": 0.1}}),
     ("every task", 210, {**SEGMENTATION, "task_weights": {"semantic": 1.0, "referring": 1.0, "interactive": 1.0,
                                                           "report": 0.5, "vqa": 0.2}}),
-    ("points on one slice", 150, {**PROMPTS_ALONE, "schedule": "constant", "slice_window": 1, "point_share": 1.0,
+    ("points on one slice", 400, {**PROMPTS_ALONE, "schedule": "constant", "slice_window": 1, "point_share": 1.0,
                                   "task_weights": {"interactive": 1.0}}),
-    ("prompts through the volume", 150, {**PROMPTS_ALONE, "train_sam_memory": True, "point_share": 0.75,
-                                         "task_weights": {"interactive": 2.0, "semantic": 1.0}}),
+    ("prompts through the volume", 150, {**PROMPTS_ALONE, "train_sam_memory": True, "slice_window": 4,
+                                         "point_share": 0.75, "task_weights": {"interactive": 2.0, "semantic": 1.0}}),
 )  # fmt: skip
 
 
