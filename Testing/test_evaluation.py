@@ -23,7 +23,7 @@ from MedVLSAM2Lib.engine import InferenceEngine
 from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.evaluation.evaluate import EvaluationSettings, evaluate
 from MedVLSAM2Lib.evaluation.seg_metrics import score_mask
-from MedVLSAM2Lib.evaluation.tasks import Shard
+from MedVLSAM2Lib.evaluation.tasks import NO_PROMPT_SKIPPED, Shard
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -35,6 +35,11 @@ SEG_CASES = 2 * len(SEG_STRUCTURES) * 4  # cases × structures × modes
 def datasets(tmp_path_factory, data_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval-data")
     return {"ctrate": build_ctrate(root / "ctrate", data_dir), "m3d": build_m3dseg(root / "m3d", data_dir)}
+
+
+@pytest.fixture(scope="module")
+def paper_facts(data_dir) -> Path:
+    return data_dir.parent / "paper" / "paper-facts.json"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def _records(out: Path) -> list[dict]:
 def _assert_same_scores(found: dict, expected: dict) -> None:
     assert found["overall"].keys() == expected["overall"].keys()
     for mode, summary in expected["overall"].items():
-        for key in ("dice", "soft_dice", "surface_dice", "cases", "empty_truth_cases"):
+        for key in ("dice", "soft_dice", "surface_dice", "cases", "empty_truth_cases", "false_positive_cases"):
             assert found["overall"][mode][key] == pytest.approx(summary[key], abs=1e-6), (mode, key)
 
 
@@ -75,13 +80,21 @@ def test_segmentation_runner_scores_every_case_and_counts_empty_truth(seg_run, d
     records = _records(out)
     assert len(records) == len({r["id"] for r in records}) == SEG_CASES == metrics["cases"]
     empty = [r for r in records if r.get("empty_truth")]
-    # the bladder is absent from the upper-abdomen case: one empty case per mode, never scored as Dice 1
-    assert {r["structure"] for r in empty} == {"urinary bladder"} and len(empty) == 4
-    assert all(r["dice"] is None for r in empty)
+    # the bladder is absent from the upper-abdomen case: asked by name and by description it is run and scored
+    # as a true negative or a false positive, never as Dice 1; no box or points can be drawn there (skipped)
+    assert {(r["structure"], r["mode"]) for r in empty} == {("urinary bladder", "semantic"),
+                                                            ("urinary bladder", "referring")}  # fmt: skip
+    assert all(r["dice"] is None and r["false_positive"] == (r["predicted_voxels"] > 0) for r in empty)
+    skipped = {r["id"]: r["skipped"] for r in records if "skipped" in r}
+    assert set(skipped) == {"0011/case_sm/urinary bladder/box", "0011/case_sm/urinary bladder/points"}
+    assert metrics["skipped"]["count"] == 2 and set(metrics["skipped"]["by_reason"]) == {NO_PROMPT_SKIPPED}
     for mode in ("semantic", "referring", "box", "points"):
         summary = metrics["overall"][mode]
-        scored = [r for r in records if r["mode"] == mode and not r.get("empty_truth")]
-        assert summary["cases"] == len(scored) == 7 and summary["empty_truth_cases"] == 1
+        scored = [r for r in records if r["mode"] == mode and not r.get("empty_truth") and "skipped" not in r]
+        assert summary["cases"] == len(scored) == 7
+        assert summary["empty_truth_cases"] == (1 if mode in ("semantic", "referring") else 0)
+        positives = [r["false_positive"] for r in empty if r["mode"] == mode]
+        assert summary["false_positive_rate"] == (np.mean(positives) if positives else None)
         assert summary["dice"] == pytest.approx(np.mean([r["dice"] for r in scored]), abs=1e-12)
         assert all(0.0 <= r["dice"] <= 1.0 and r["masks"] == 1 for r in scored)
     referring = [r for r in records if r["mode"] == "referring" and "prompt" in r]
@@ -89,10 +102,11 @@ def test_segmentation_runner_scores_every_case_and_counts_empty_truth(seg_run, d
     boxes = [r["prompt"]["boxes"][0] for r in records if r["mode"] == "box" and "prompt" in r]
     assert all(b[2] == b[5] for b in boxes)  # one slice thick
     table = (out / "tables.md").read_text()
-    assert "Table 4" in table and "Table 5" in table and "TotalSegmentator (0011)" in table
-    assert f"| {metrics['by_mode']['0011']['box']['dice']:.4f} |" in table
+    assert "Table 4" in table and "Table 5" in table and "| | TotalSegmentator |" in table
+    assert f"| tiny (bbox prompt) | {100 * metrics['by_mode']['0011']['box']['dice']:.2f} |" in table
+    assert "surface-Dice tolerance is 1 voxel" in table and "Skipped samples: 2" in table
     rows = (out / "tables.csv").read_text().splitlines()
-    assert rows[0] == "table,row,column,value" and len(rows) == 1 + 2 * (6 + 2)
+    assert rows[0] == "table,row,column,value" and len(rows) == 1 + 2 + 4 + 4 * 8  # Tables 4, 5 and S1
     for name in ("dice_by_prompt.png", "dice_per_structure_0011.png", "overlays.png"):
         width, height = _png(out / "plots" / name)
         assert width > 300 and height > 200
@@ -175,18 +189,27 @@ def test_two_processes_give_the_metrics_of_one(seg_run, datasets, tmp_path):
     _assert_same_scores(json.loads((target / "metrics.json").read_text()), metrics)
 
 
-def test_report_and_vqa_runners_write_metrics_tables_and_plots(datasets, engine, tmp_path):
-    report = evaluate("report", "tiny", datasets["ctrate"], tmp_path / "report", engine=engine, shard=Shard())
-    assert report["cases"] == 2 and report["corpus"]["protocol"] == "corpus"
-    assert report["sample"]["protocol"] == "sample" and 0 <= report["corpus"]["BLEU-1"] <= 1
+def test_report_and_vqa_runners_write_metrics_tables_and_plots(datasets, engine, paper_facts, tmp_path):
+    reports = datasets["ctrate"] / "radiology_text_reports" / "validation_reports.csv"
+    with_empty = tmp_path / "reports.csv"
+    with_empty.write_text(
+        reports.read_text().rstrip("\n") + "\nvalid_9_a_1.nii.gz,Not given.,Not given.,Not given.,Not given.\n"
+    )
+    settings = EvaluationSettings(split_file=str(with_empty), compare=str(paper_facts))
+    report = evaluate("report", "tiny", datasets["ctrate"], tmp_path / "report", settings, engine=engine, shard=Shard())
+    assert report["cases"] == 2 and report["ctchat"]["protocol"] == "ctchat"
+    assert report["m3d"]["protocol"] == "m3d" and 0 <= report["ctchat"]["BLEU-1"] <= 1
+    assert report["skipped"]["samples"] == [{"id": "valid_9_a_1", "reason": "the report has neither findings nor an "
+                                             "impression to score against"}]  # fmt: skip
+    report_table = (tmp_path / "report" / "tables.md").read_text()
+    assert f"| tiny (CT-CHAT protocol) | {100 * report['ctchat']['BLEU-1']:.2f} |" in report_table
+    assert "| paper: CT-CHAT | 43.64 | 31.57 | 23.06 | 0.221 | 88.12 |" in report_table
+    assert "no counterpart" not in report_table and "Skipped samples: 1" in report_table
+    assert "layer 6" in report_table  # the BERTScore model and layer are named
     assert report["bertscore"]["model"].startswith("all-MiniLM-L6-v2") and -1 <= report["bertscore"]["F1"] <= 1
     records = _records(tmp_path / "report")
     assert all(r["reference"].startswith("Findings: ") and r["tokens"] >= 1 for r in records)
-    assert "Table 2" in (tmp_path / "report" / "tables.md").read_text()
-    quoted = {"source": "a fixture", "tables": {"3": [{"method": "Baseline", "values": {"BLEU-1": 0.25}},
-                                                      {"method": "Guess", "values": {"accuracy": 0.5}}]}}  # fmt: skip
-    (tmp_path / "quoted.json").write_text(json.dumps(quoted))
-    settings = EvaluationSettings(bertscore_model="none", compare=str(tmp_path / "quoted.json"))
+    settings = EvaluationSettings(bertscore_model="none", compare=str(paper_facts))
     vqa = evaluate("vqa", "tiny", datasets["ctrate"], tmp_path / "vqa", settings, engine=engine, shard=Shard())
     assert vqa["short"]["cases"] == vqa["long"]["cases"] == vqa["choice"]["cases"] == 2
     assert vqa["short"]["bertscore"] == {"skipped": "--bertscore-model none"}
@@ -197,12 +220,12 @@ def test_report_and_vqa_runners_write_metrics_tables_and_plots(datasets, engine,
     long_turns = [r for r in _records(tmp_path / "vqa") if r["kind"] == "long"]
     assert all("Where is" in r["question"] and "<long_answer>" not in r["question"] for r in long_turns)
     tables = (tmp_path / "vqa" / "tables.md").read_text()
-    assert "long answers, corpus (CT-CHAT)" in tables and "Multiple-choice" in tables
-    # each quoted row lands once, in the table that has its column, marked as quoted
-    assert tables.count("Baseline (quoted from a fixture) | 0.2500 |") == 1
-    assert tables.count("Guess (quoted from a fixture) | 0.5000 |") == 1
+    assert tables.count("**Table 3.") == 1 and "| tiny (M3D protocol) |" in tables
+    assert f"{100 * vqa['choice']['accuracy']:.2f} |" in tables.split("| tiny (CT-CHAT protocol) |")[1].split("\n")[0]
+    # the paper's rows, on the paper's scale, in the table of their number
+    assert "| paper: MedVL-SAM2 | 45.94 | 48.98 | 28.22 | 2.861 | 92.76 | 24.08 |" in tables
     rows = list(csv.reader((tmp_path / "vqa" / "tables.csv").open()))
-    assert ["3", "Baseline (quoted from a fixture)", "BLEU-1", "0.25"] in rows
+    assert ["3", "paper: CT-CHAT", "multiple-choice accuracy", "83.73"] in rows
     assert _png(tmp_path / "vqa" / "plots" / "text_scores.png")[0] > 300
 
 
@@ -212,8 +235,18 @@ def test_bad_input_is_refused_with_a_message(seg_run, datasets, engine, tmp_path
         evaluate("report", "tiny", tmp_path, tmp_path / "o", engine=engine, shard=Shard())
     (tmp_path / "rows.json").write_text('{"tables": {"2": [{"values": {"BLEU-1": 0.1}}]}}')
     settings = EvaluationSettings(compare=str(tmp_path / "rows.json"))
-    with pytest.raises(InputError, match=r"rows\.json: expected \{'source'"):
+    with pytest.raises(InputError, match=r"rows\.json: expected the paper's tables"):
         evaluate("seg", "tiny", datasets["m3d"], tmp_path / "o", settings, engine=engine, shard=Shard())
+    assert not (tmp_path / "o").exists()
+    wrong_split = EvaluationSettings(datasets=["0011"], split="validation")
+    with pytest.raises(InputError, match=r"M3D-Seg has the splits \['train', 'test'\], not 'validation'"):
+        evaluate("seg", "tiny", datasets["m3d"], tmp_path / "o", wrong_split, engine=engine, shard=Shard())
+    with pytest.raises(InputError, match=r"CT-RATE has the splits \['train', 'validation'\], not 'test'"):
+        evaluate("report", "tiny", datasets["ctrate"], tmp_path / "o", EvaluationSettings(split="test"), engine=engine,
+                 shard=Shard())  # fmt: skip
+    unknown = EvaluationSettings(datasets=["0011"], structures=["liver", "liver tumour"])
+    with pytest.raises(InputError, match=r"--structures \['liver tumour'\] are categories of none of \['0011'\]"):
+        evaluate("seg", "tiny", datasets["m3d"], tmp_path / "o", unknown, engine=engine, shard=Shard())
     assert not (tmp_path / "o").exists()
     with pytest.raises(InputError, match=r"0012\.json: no dataset JSON"):
         evaluate("seg", "tiny", datasets["m3d"], tmp_path / "o", engine=engine, shard=Shard())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..templates import TermDictionary
-from .cases import DEFAULT_SEG_DATASETS, SEG_MODES, VQA_KINDS, report_cases, seg_cases, vqa_cases
+from .cases import DEFAULT_SEG_DATASETS, DEFAULT_SPLITS, SEG_MODES, VQA_KINDS, report_cases, seg_cases, vqa_cases
 from .predictions import model_fingerprint
 from .tasks import SegPredictor, Shard, TextPredictor, run_cases
 
@@ -34,6 +34,7 @@ class EvaluationSettings:
     """What an evaluation runs. Only the fields in :meth:`header` change predictions: a rerun that changes one
     of them needs a new output folder; ``limit`` and the BERTScore options may change between runs."""
 
+    split: str | None = None
     split_file: str | None = None
     limit: int | None = None
     seed: int = 0
@@ -43,9 +44,10 @@ class EvaluationSettings:
     structures: Sequence[str] | None = None
     terms: str | None = None
     forced_answer: bool = False
-    tolerance_mm: float = 1.0
-    protocols: Sequence[str] = ("corpus", "sample")
+    tolerance_voxels: float = 1.0
+    protocols: Sequence[str] = ("ctchat", "m3d")
     bertscore_model: str | None = None
+    bertscore_layer: int | None = None
     compare: str | None = None
     examples: int = 2
 
@@ -53,7 +55,8 @@ class EvaluationSettings:
         """What the predictions depend on; for ``seg``, ``terms`` is the term dictionary found (see
         :func:`_terms_path`): box and point cases are asked with its referring text (Table 5), without one with
         the class name, so a resume in the other situation is refused."""
-        settings = {"seed": self.seed, "forced_answer": self.forced_answer, "tolerance_mm": self.tolerance_mm}
+        settings = {"split": self.split or DEFAULT_SPLITS[task], "seed": self.seed,
+                    "forced_answer": self.forced_answer, "tolerance_voxels": self.tolerance_voxels}  # fmt: skip
         if task == "seg":
             settings["terms"] = str(terms) if terms else None
             settings["interactive_text"] = "referring" if terms else "semantic"
@@ -100,12 +103,13 @@ def evaluate(task: str, source: str | os.PathLike, data: str | os.PathLike, out:
     if not data.is_dir():
         raise InputError(f"{data}: no such data folder.")
     compare = read_compare(settings.compare) if settings.compare else None
+    split, skipped = settings.split or DEFAULT_SPLITS[task], []
     if task == "report":
-        cases = report_cases(data, settings.split_file, settings.limit)
+        cases, skipped = report_cases(data, settings.split_file, settings.limit, split)
     elif task == "vqa":
-        cases = vqa_cases(data, settings.split_file, settings.kinds, settings.limit)
+        cases = vqa_cases(data, settings.split_file, settings.kinds, settings.limit, split)
     else:
-        cases = seg_cases(data, settings.datasets, "test", settings.modes, settings.structures, settings.limit)
+        cases, skipped = seg_cases(data, settings.datasets, split, settings.modes, settings.structures, settings.limit)
     terms = _terms_path(data, settings.terms, settings.modes) if task == "seg" else None
     header = {**settings.header(task, terms), "model": model_fingerprint(source), "dtype": str(dtype)}
     if engine is None:
@@ -115,7 +119,8 @@ def evaluate(task: str, source: str | os.PathLike, data: str | os.PathLike, out:
     if task == "seg":
         dictionary = TermDictionary.load(terms) if terms else None
         predict = SegPredictor(engine, settings.seed, dictionary, forced_answer=settings.forced_answer,
-                               tolerance_mm=settings.tolerance_mm, out=out, examples=settings.examples)  # fmt: skip
+                               tolerance_voxels=settings.tolerance_voxels, out=out,
+                               examples=settings.examples)  # fmt: skip
     else:
         predict = TextPredictor(engine)
     shard = shard or Shard.from_accelerate()
@@ -125,8 +130,9 @@ def evaluate(task: str, source: str | os.PathLike, data: str | os.PathLike, out:
         return None
     skip_bertscore = settings.bertscore_model is not None and str(settings.bertscore_model).lower() == "none"
     text_options = {"protocols": settings.protocols, "use_bertscore": not skip_bertscore,
-                    "bertscore_model": None if skip_bertscore else settings.bertscore_model}  # fmt: skip
-    metrics = task_metrics(task, records, **({} if task == "seg" else text_options))
+                    "bertscore_model": None if skip_bertscore else settings.bertscore_model,
+                    "bertscore_layer": settings.bertscore_layer}  # fmt: skip
+    metrics = task_metrics(task, records, skipped, **({} if task == "seg" else text_options))
     metrics.update(model=header["model"], settings=header["settings"], dtype=str(dtype), data=str(data))
     write_outputs(metrics, out, Path(str(source)).name, compare)
     return metrics

@@ -28,8 +28,10 @@ from .seg_metrics import score_mask
 __all__ = ["Shard", "case_rng", "run_cases", "TextPredictor", "SegPredictor"]
 
 
-# The ``skipped`` reason of a case whose volume gives SAM2 no input (the reason counts cases in the summary).
+# ``skipped`` reasons (the summary counts cases per reason).
 SAM_INPUT_SKIPPED = "no SAM2 input: the HU scale of this normalised volume cannot be estimated"
+NO_PROMPT_SKIPPED = "no box or points: the structure is absent from this case, so no prompt can be drawn"
+NO_DESCRIPTION_SKIPPED = "no description of this structure in the term dictionary"
 
 
 def _no_barrier() -> None:
@@ -156,6 +158,9 @@ class SegPredictor:
 
     ``forced_answer`` evaluates the mask path alone (the answer is
     :func:`~MedVLSAM2Lib.engine.prompt_answer`, the first semantic answer template, instead of a generated one).
+    A structure absent from the case (empty ground truth) is run too in the semantic and referring modes and
+    scored as a true negative or a false positive; box and point cases cannot draw a prompt there and are
+    skipped with that reason. Surface Dice uses ``tolerance_voxels``: M3D-Seg stores no spacing.
     A volume whose SAM2 input cannot be made (a normalised volume without a plausible HU estimate, see
     :func:`~MedVLSAM2Lib.preprocess.hu_from_normalized`) gives each of its cases a ``skipped`` record with the
     reason in ``error``, like any skipped case: the run continues, and a resumed run does not try it again.
@@ -164,12 +169,12 @@ class SegPredictor:
     """
 
     def __init__(self, engine, seed: int = 0, terms: TermDictionary | None = None, *,  # noqa: ANN001
-                 forced_answer: bool = False, tolerance_mm: float = 1.0, out: Path | None = None,
+                 forced_answer: bool = False, tolerance_voxels: float = 1.0, out: Path | None = None,
                  examples: int = 2) -> None:  # fmt: skip
         from ..engine import prompt_answer  # the engine module imports torch; keep this module light
 
         self.engine, self.seed, self.terms = engine, seed, terms
-        self.forced_answer, self.tolerance_mm = forced_answer, tolerance_mm
+        self.forced_answer, self.tolerance_voxels = forced_answer, tolerance_voxels
         self.answer = prompt_answer() if forced_answer else None
         self.examples_dir = Path(out) / "examples" if out is not None else None
         self.examples = examples
@@ -211,11 +216,10 @@ class SegPredictor:
         volume, handle, truths = self._volume(case.case)
         truth = truths[case.structure]
         record = {"dataset": case.dataset, "case": case.case.name, "structure": case.structure, "mode": case.mode}
-        if not truth.any():
-            return {**record, "empty_truth": True, "truth_voxels": 0, "dice": None, "soft_dice": None,
-                    "surface_dice": None}  # fmt: skip
+        if case.mode in ("box", "points") and not truth.any():
+            return {**record, "skipped": NO_PROMPT_SKIPPED}
         if case.mode == "referring" and (self.terms is None or case.structure not in self.terms):
-            return {**record, "skipped": "no description of this structure in the term dictionary"}
+            return {**record, "skipped": NO_DESCRIPTION_SKIPPED}
         rng = case_rng(self.seed, case.id)
         prompt = self._prompt(case, truth, rng)
         try:
@@ -227,8 +231,9 @@ class SegPredictor:
             probabilities, mask = result.objects[0].probabilities.astype(np.float32), result.objects[0].mask > 0
         else:
             probabilities, mask = np.zeros(truth.shape, np.float32), np.zeros(truth.shape, bool)
-        scores = score_mask(probabilities, truth, volume.spacing[::-1], tolerance_mm=self.tolerance_mm, mask=mask)
-        self._keep_example(case, volume.array, truth, mask)
+        scores = score_mask(probabilities, truth, (1.0, 1.0, 1.0), tolerance=self.tolerance_voxels, mask=mask)
+        if truth.any():
+            self._keep_example(case, volume.array, truth, mask)
         return {**record, **scores.to_dict(), "answer": result.answer, "masks": len(result.objects),
                 "from_prompts": result.from_prompts, "prompt": _json_prompt(prompt),
                 "seconds": result.timings["total"]}  # fmt: skip
