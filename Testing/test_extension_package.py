@@ -4,7 +4,6 @@ pyproject.toml, and its Qt-free logic imports without torch."""
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import subprocess
@@ -14,6 +13,9 @@ import xml.etree.ElementTree as ElementTree
 import tomllib
 from conftest import REPO
 from test_extension_metadata import _cmake_extension_fields, _s4ext_fields
+
+sys.path.insert(0, str(REPO / "MedVLSAM2"))
+from MedVLSAM2Core.dependencies import LOCAL_REQUIREMENTS, REMOTE_REQUIREMENTS, TORCH_MINIMUM  # noqa: E402
 
 SCHEMA = (
     "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json#"
@@ -68,23 +70,15 @@ def test_every_widget_the_module_uses_exists_in_its_ui_file():
     assert {"reportButton", "askButton", "segmentButton", "refineButton", "undoButton", "cancelButton"} <= used
 
 
-def _module_constant(name: str) -> list[str]:
-    tree = ast.parse((REPO / "MedVLSAM2" / "MedVLSAM2.py").read_text())
-    values = {node.targets[0].id: node.value for node in tree.body
-              if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}  # fmt: skip
-    value = values[name]
-    if isinstance(value, ast.BinOp):  # LOCAL = REMOTE + [...]
-        return _module_constant(value.left.id) + ast.literal_eval(value.right)
-    return ast.literal_eval(value)
-
-
 def test_module_requirements_match_the_package():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {re.split(r"[<>=]", spec)[0].lower(): spec for spec in project["dependencies"]}
-    for spec in _module_constant("LOCAL_REQUIREMENTS"):
+    for spec in LOCAL_REQUIREMENTS:
         name = re.split(r"[<>=]", spec)[0].lower()
         assert declared.get(name) == spec, f"{spec} differs from pyproject.toml ({declared.get(name)})"
-    assert set(map(str.lower, _module_constant("REMOTE_REQUIREMENTS"))) <= set(map(str.lower, declared.values()))
+    assert set(map(str.lower, REMOTE_REQUIREMENTS)) <= set(map(str.lower, declared.values()))
+    torch = next(spec for spec in project["dependencies"] if spec.startswith("torch"))
+    assert torch == f"torch>={TORCH_MINIMUM}"
 
 
 def test_qt_free_logic_imports_without_heavy_packages():

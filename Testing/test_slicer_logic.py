@@ -100,6 +100,7 @@ def test_segments_are_written_named_coloured_and_saved_where_the_ct_is(scene, en
     assert mask.sum() > 0 and np.array_equal(logic.maskFromSegment(nodes["segmentation"], liver, nodes["volume"]), mask)
     segment = nodes["segmentation"].GetSegmentation().GetSegment(liver)
     assert segment.GetName() == "liver" and np.allclose(segment.GetColor(), lookup("liver")[0])
+    assert logic.segmentScore(segment) == f"{expected.objects[0].score:.3f}"  # the model's confidence, shown
     tag = vtk.reference("")
     assert segment.GetTag("TerminologyEntry", tag) and "^10200004^Liver~" in str(tag)
     # saved by Slicer's own storage node, read back by slicerio: same voxels, same world position
@@ -107,6 +108,8 @@ def test_segments_are_written_named_coloured_and_saved_where_the_ct_is(scene, en
     storage.SetFileName(str(tmp_path / "out.seg.nrrd"))
     assert storage.WriteData(nodes["segmentation"])
     saved = read_segmentation(tmp_path / "out.seg.nrrd")
+    header = (tmp_path / "out.seg.nrrd").read_bytes()[:20000].decode("latin-1")
+    assert f"MedVLSAM2.Score:{logic.segmentScore(segment)}" in header  # the confidence travels with the file
     assert nodes["segmentation"].GetTransformNodeID() == nodes["volume"].GetTransformNodeID()
     assert np.allclose(SHIFT @ saved.ijk_to_ras, volume.ijk_to_ras)  # the file is in the transform's frame
     (written,) = saved.segments
@@ -190,3 +193,16 @@ def test_the_same_logic_runs_through_a_remote_server(scene, engine, tmp_path):
         assert remote.ask(nodes["volume"], question).text == engine.ask(engine.encode(volume), question).text
     finally:
         stop_server(process)
+
+
+def test_a_segmentation_node_is_made_only_once_there_is_a_mask(scene, engine):
+    """Invalid prompts (or a failed run) leave no empty segmentation node behind; a result makes exactly one."""
+    logic, nodes = SceneLogic(engine), scene
+    before = nodes["scene"].GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(InputError, match="nothing to segment"):
+        logic.segment(nodes["volume"], None, text="  ")
+    assert nodes["scene"].GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+    (liver,) = logic.segment(nodes["volume"], None, text="liver", answer=SEG)
+    assert nodes["scene"].GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before + 1
+    made = nodes["scene"].GetFirstNodeByName(f"{nodes['volume'].GetName()} MedVLSAM2")
+    assert made.GetSegmentation().GetSegment(liver).GetName() == "liver"

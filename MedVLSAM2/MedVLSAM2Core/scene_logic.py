@@ -17,6 +17,8 @@ from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.prompts import NEGATIVE, POSITIVE, BoxPrompt, PointPrompt
 from MedVLSAM2Lib.volume import Volume
 
+SCORE_TAG = "MedVLSAM2.Score"  # the model's confidence in a segment it wrote (SAM2's object score, 0..1)
+
 __all__ = ["SceneLogic"]
 
 
@@ -170,19 +172,30 @@ class SceneLogic:
             raise InputError(f"{result.no_mask_reason()} Nothing was written.")
         return result
 
+    def outputSegmentation(self, segmentationNode, volumeNode):  # noqa: ANN001, ANN201
+        """The segmentation to write into: ``segmentationNode``, or a new one named after the volume. Called only
+        once a result is in hand, so invalid prompts or a failed run never leave an empty node behind."""
+        if segmentationNode is not None:
+            return segmentationNode
+        name = f"{volumeNode.GetName()} MedVLSAM2"
+        return volumeNode.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+
     def writeResult(self, result, segmentationNode, volumeNode, segmentId: str | None = None) -> list[str]:  # noqa: ANN001
         """Write a ``SegmentResult`` (main thread): each mask as a new segment, or the first into ``segmentId``."""
         if segmentId is not None:
-            return [self.writeSegment(segmentationNode, volumeNode, result.objects[0].mask, segmentId=segmentId)]
-        return [self.writeSegment(segmentationNode, volumeNode, obj.mask, name=obj.label) for obj in result.objects]
+            first = result.objects[0]
+            return [self.writeSegment(segmentationNode, volumeNode, first.mask, segmentId=segmentId, score=first.score)]
+        return [self.writeSegment(segmentationNode, volumeNode, obj.mask, name=obj.label, score=obj.score)
+                for obj in result.objects]  # fmt: skip
 
     def segment(self, volumeNode, segmentationNode, text: str | None = None, positiveNode=None, negativeNode=None,  # noqa: ANN001
                 roiNode=None, segmentId: str | None = None, answer: str | None = None) -> list[str]:  # fmt: skip
         """Segment from text and/or markups and write the masks (new segments, or refine ``segmentId``); the
-        three steps above in one call, for scripts and batch runs. Returns the ids of the segments written."""
+        three steps above in one call, for scripts and batch runs. Without ``segmentationNode`` a new one is made,
+        only once there is a mask to write. Returns the ids of the segments written."""
         request = self.segmentRequest(volumeNode, text, positiveNode, negativeNode, roiNode, answer)
         result = self.runSegment(request.pop("volume"), **request)
-        return self.writeResult(result, segmentationNode, volumeNode, segmentId)
+        return self.writeResult(result, self.outputSegmentation(segmentationNode, volumeNode), volumeNode, segmentId)
 
     # ------------------------------------------------------------------ writing segments
 
@@ -219,10 +232,11 @@ class SceneLogic:
         return candidate
 
     def writeSegment(self, segmentationNode, volumeNode, mask: np.ndarray, name: str | None = None,  # noqa: ANN001
-                     segmentId: str | None = None) -> str:  # fmt: skip
+                     segmentId: str | None = None, score: float | None = None) -> str:  # fmt: skip
         """Write ``mask`` (KJI on the volume's grid) as a new segment called ``name`` — never over an existing
         one: a taken name gets a number — or, with ``segmentId``, replace that segment's voxels (refine).
-        Either can be reverted with :meth:`undo`. Known structure names get Slicer's terminology and colour.
+        Either can be reverted with :meth:`undo`. Known structure names get Slicer's terminology and colour; the
+        model's confidence ``score`` is kept in the segment's :data:`SCORE_TAG` tag (saved with the segmentation).
         """
         from slicerio.segmentation import terminology_entry_to_string
 
@@ -248,7 +262,15 @@ class SceneLogic:
             self._undo.append((segmentationNode, segmentId, None))
         slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             image, segmentationNode, segmentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)  # fmt: skip
+        if score is not None:
+            segmentation.GetSegment(segmentId).SetTag(SCORE_TAG, f"{score:.3f}")
         return segmentId
+
+    @staticmethod
+    def segmentScore(segment) -> str | None:  # noqa: ANN001
+        """The model's confidence kept on a segment it wrote (``None`` for segments it did not write)."""
+        tag = vtk.reference("")
+        return str(tag) if segment.GetTag(SCORE_TAG, tag) else None
 
     def undo(self) -> bool:
         """Revert the last written or refined segment; returns whether there was anything to undo."""
