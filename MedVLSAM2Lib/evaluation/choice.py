@@ -105,11 +105,8 @@ def _compound(answer: str, options: dict[str, str]) -> str | None:
         for kind, pattern in _COMPOUND.items():
             if not pattern.search(text):
                 continue
-            if kind != "both" and pattern.search(said):
-                picked.add(letter)
-            elif kind == "both" and _pair(text) and _pair(text) == _pair(said):
-                picked.add(letter)
-            elif kind == "both" and not _pair(text) and pattern.search(said):
+            letters = _pair(text) if kind == "both" else frozenset()
+            if (letters and letters == _pair(said)) or (not letters and pattern.search(said)):
                 picked.add(letter)
     return picked.pop() if len(picked) == 1 else None
 

@@ -26,6 +26,7 @@ The result names its protocol and every substitution. Java METEOR needs ``java``
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import shutil
@@ -96,10 +97,16 @@ def _nltk_data(path: str) -> bool:
     return True
 
 
+@functools.cache
+def _nltk_resources() -> tuple[bool, bool]:
+    """Whether nltk's WordNet and punkt data are installed (looked up once per process)."""
+    wordnet = _nltk_data("corpora/wordnet") or _nltk_data("corpora/wordnet.zip")
+    return wordnet, _nltk_data("tokenizers/punkt_tab/english/")
+
+
 def meteor_variant() -> str:
     """What :func:`m3d_meteor` runs on this machine (recorded with every result)."""
-    wordnet = _nltk_data("corpora/wordnet") or _nltk_data("corpora/wordnet.zip")
-    punkt = _nltk_data("tokenizers/punkt_tab/english/")
+    wordnet, punkt = _nltk_resources()
     if wordnet and punkt:
         return "nltk METEOR as evaluate runs it"
     found = (("no WordNet synonyms", wordnet), ("sentences split at . ! ? instead of by punkt", punkt))
@@ -121,8 +128,8 @@ def m3d_meteor(reference: str, prediction: str) -> float:
     (see :func:`meteor_variant` for what runs where nltk's data is missing)."""
     from nltk.translate.meteor_score import single_meteor_score
 
-    punkt = _nltk_data("tokenizers/punkt_tab/english/")
-    if _nltk_data("corpora/wordnet") or _nltk_data("corpora/wordnet.zip"):
+    has_wordnet, punkt = _nltk_resources()
+    if has_wordnet:
         from nltk.corpus import wordnet
     else:
         wordnet = _NoSynonyms()
