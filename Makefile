@@ -28,15 +28,15 @@ test: install lint-check
 	$(PY) -m pytest
 
 lint-check: install
-	$(VENV)/bin/ruff check MedVLSAM2Lib MedVLSAM2 Testing examples
-	$(VENV)/bin/ruff format --check MedVLSAM2Lib MedVLSAM2 Testing examples
+	$(VENV)/bin/ruff check MedVLSAM2Lib MedVLSAM2 Testing examples Screenshots
+	$(VENV)/bin/ruff format --check MedVLSAM2Lib MedVLSAM2 Testing examples Screenshots
 
 test-quick: install lint-check
 	$(PY) -m pytest -m "not slow" -x -q
 
 lint: install
-	$(VENV)/bin/ruff check --fix MedVLSAM2Lib MedVLSAM2 Testing examples
-	$(VENV)/bin/ruff format MedVLSAM2Lib MedVLSAM2 Testing examples
+	$(VENV)/bin/ruff check --fix MedVLSAM2Lib MedVLSAM2 Testing examples Screenshots
+	$(VENV)/bin/ruff format MedVLSAM2Lib MedVLSAM2 Testing examples Screenshots
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,10 +1,10 @@
 """MedVLSAM2 — the 3D Slicer module: report, VQA chat and prompt-driven segmentation of the selected CT.
 
 Slicer glue only: no model code lives here. Top-level imports are stdlib and Slicer toolkits; the library
-(``MedVLSAM2Lib``) and the Qt-free node logic (``MedVLSAM2Core.SceneLogic``) are imported inside methods, after
-the user has installed the dependencies with the *Install dependencies* button. The Widget is thin: it reads
-the panels, hands nodes to the Logic, and runs the backend call on a worker thread (progress, Cancel) while
-every MRML read and write stays on the main thread.
+(``MedVLSAM2Lib``) and the Qt-free node logic (``MedVLSAM2Core``) are imported inside methods, after the user has
+installed the dependencies with the *Install dependencies* button. The Widget is thin: it reads the panels, hands
+nodes to the Logic, and runs the backend call on the persistent worker thread of ``MedVLSAM2Core.jobs`` (progress,
+Cancel) while every MRML read and write stays on the main thread.
 """
 
 import html
@@ -12,21 +12,35 @@ import importlib
 import importlib.util
 import logging
 import os
-import queue
 import sys
-import threading
 
 import qt
 import slicer
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
 
 MINIMUM_SLICER = (5, 10)  # Python 3.12 in Slicer; MedVLSAM2Lib needs Python 3.10+
 ANSWER_KINDS = [("Short answer", "short"), ("Long answer", "long"), ("Multiple choice", "choice")]
+POLL_MS, POLL_WAIT_S = 50, 0.02  # each tick the main thread waits (GIL released) 20 ms for the worker
+UPDATE_DELAY_MS = 150  # "update on each prompt": prompts placed within this time give one update
+PROMPT_NODES = {  # role: (class, name, colour)
+    "positive": ("vtkMRMLMarkupsFiducialNode", "MedVLSAM2 positive points", (0.2, 0.8, 0.2)),
+    "negative": ("vtkMRMLMarkupsFiducialNode", "MedVLSAM2 negative points", (0.9, 0.2, 0.2)),
+    "roi": ("vtkMRMLMarkupsROINode", "MedVLSAM2 box", (1.0, 0.8, 0.1)),
+}
+SHORTCUTS = {"p": "positive", "n": "negative", "b": "roi"}  # key: which prompt the next click places
 
 
 def slicerTooOld():
@@ -48,8 +62,17 @@ def addLibraryPath():
         sys.path.insert(0, checkout)
 
 
-class Cancelled(Exception):
-    """Raised inside a running job when the user pressed Cancel."""
+@parameterNodeWrapper
+class MedVLSAM2ParameterNode:
+    """The module's inputs, saved with the scene (the .ui widgets bind to these by ``SlicerParameterName``)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    positivePoints: vtkMRMLMarkupsFiducialNode
+    negativePoints: vtkMRMLMarkupsFiducialNode
+    roi: vtkMRMLMarkupsROINode
+    segmentation: vtkMRMLSegmentationNode
+    segmentText: str = ""
+    updateOnPrompt: bool = False
 
 
 class MedVLSAM2(ScriptedLoadableModule):
@@ -83,6 +106,10 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = None
+
+    def getParameterNode(self):
+        """The module's parameter node in the scene (made on first use)."""
+        return MedVLSAM2ParameterNode(super().getParameterNode())
 
     @property
     def scene(self):
@@ -142,8 +169,9 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
         return self.scene.backend.describe()
 
     @staticmethod
-    def createLocal(weights, device):
-        """An InferenceEngine over a weights folder (or a preset name) on ``device`` (auto, cuda, cpu)."""
+    def createLocal(weights, device, cancel=None):
+        """An InferenceEngine over a weights folder (or a preset name) on ``device`` (auto, cuda, cpu); ``cancel``
+        (a ``threading.Event``) stops loading between its steps."""
         import torch
 
         from MedVLSAM2Lib.engine import InferenceEngine
@@ -151,7 +179,7 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        return InferenceEngine.load(weights, device=device, dtype=dtype)
+        return InferenceEngine.load(weights, device=device, dtype=dtype, cancel=cancel)
 
     @staticmethod
     def createRemote(url, apiKey):
@@ -167,6 +195,36 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
         """The server's URL when the backend is remote, else ``None``."""
         return getattr(self.scene.backend, "url", None)
 
+    @staticmethod
+    def exportDicomSeg(segmentationNode, volumeNode, folder):
+        """Write ``segmentationNode`` as a DICOM Segmentation into ``folder`` with Slicer's DICOM Segmentation
+        plugin, referencing the series ``volumeNode`` was loaded from (the reference volume is set first)."""
+        try:
+            import DICOMSegmentationPlugin
+        except ImportError as error:
+            raise RuntimeError("DICOM SEG export needs Slicer's DICOM Segmentation plugin (the Quantitative"
+                               "Reporting extension): install it from the Extensions Manager.") from error  # fmt: skip
+        if not volumeNode.GetAttribute("DICOM.instanceUIDs"):
+            raise RuntimeError(f"{volumeNode.GetName()} was not loaded from DICOM, so a DICOM SEG has no series to "
+                               "reference: load the CT with the DICOM module, or save the segmentation as "
+                               ".seg.nrrd instead.")  # fmt: skip
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        role = segmentationNode.GetReferenceImageGeometryReferenceRole()
+        segmentationNode.SetNodeReferenceID(role, volumeNode.GetID())
+        hierarchy = slicer.mrmlScene.GetSubjectHierarchyNode()
+        segmentationItem = hierarchy.GetItemByDataNode(segmentationNode)
+        hierarchy.SetItemParent(segmentationItem, hierarchy.GetItemParent(hierarchy.GetItemByDataNode(volumeNode)))
+        exporter = DICOMSegmentationPlugin.DICOMSegmentationPluginClass()
+        exportables = exporter.examineForExport(segmentationItem)
+        if not exportables:
+            raise RuntimeError(f"Slicer's DICOM plugin cannot export {segmentationNode.GetName()} (it needs at least "
+                               "one non-empty segment on the CT's grid).")  # fmt: skip
+        for exportable in exportables:
+            exportable.directory = folder
+        error = exporter.export(exportables)
+        if error:
+            raise RuntimeError(f"DICOM SEG export failed: {error}")
+
 
 class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panels: Setup, Input, Report, Chat, Segment; long work on a worker thread with progress and Cancel."""
@@ -175,6 +233,10 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self._job = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._shortcuts = []
+        self._updatePending = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -182,17 +244,32 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if tooOld:
             self.layout.addWidget(qt.QLabel(tooOld))
             return
+        from MedVLSAM2Core.jobs import JobRunner
+        from MedVLSAM2Core.prompt_watch import PromptWatcher
+
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedVLSAM2.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedVLSAM2Logic()
+        self.runner = JobRunner()
         self.history = []
         self.uploadConsent = set()
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_MS)
+        self.pollTimer.timeout.connect(self.poll)
+        self.updateTimer = qt.QTimer()
+        self.updateTimer.setSingleShot(True)
+        self.updateTimer.setInterval(UPDATE_DELAY_MS)
+        self.updateTimer.timeout.connect(self.onPromptUpdate)
+        self.promptWatcher = PromptWatcher(self.onPromptChanged)
         for name in ("auto", "cuda", "cpu"):
             self.ui.deviceCombo.addItem(name)
         for text, kind in ANSWER_KINDS:
             self.ui.answerKindCombo.addItem(text, kind)
+        for placeWidget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget):
+            placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        self.ui.roiPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.localRadio.toggled.connect(self.updateSetup)
         self.ui.installButton.clicked.connect(self.onInstall)
         self.ui.connectButton.clicked.connect(self.onConnect)
@@ -202,31 +279,113 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.askButton.clicked.connect(self.onAsk)
         self.ui.questionEdit.returnPressed.connect(self.onAsk)
         self.ui.clearChatButton.clicked.connect(self.onClearChat)
-        self.ui.segmentButton.clicked.connect(self.onSegment)
+        self.ui.segmentButton.clicked.connect(lambda: self.onSegment())
         self.ui.refineButton.clicked.connect(lambda: self.onSegment(refine=True))
         self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.redoButton.clicked.connect(self.onRedo)
+        self.ui.exportDicomSegButton.clicked.connect(self.onExportDicomSeg)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.segmentationSelector.currentNodeChanged.connect(self.updateSegments)
         self.ui.volumeSelector.currentNodeChanged.connect(lambda _: self.onClearChat())  # history is per volume
-        self.ui.positivePointsSelector.currentNodeChanged.connect(self.onPositivePoints)
+        for selector in (self.ui.positivePointsSelector, self.ui.negativePointsSelector, self.ui.roiSelector):
+            selector.currentNodeChanged.connect(lambda _: self.updatePromptNodes())
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addCompletion()
         self.updateSetup()
+        self.initializeParameterNode()
+
+    # ------------------------------------------------------------------ lifecycle
 
     def cleanup(self):
-        """The module is closed or Slicer quits: stop the poll timer and cancel a running job (its worker stops at
-        its next progress step; its result is dropped)."""
+        """The module is closed or Slicer quits: stop the timers, the prompt observers, the shortcuts and the
+        worker (a running job is cancelled at its next check; its result is dropped)."""
         self.removeObservers()
-        if self._job is not None:
-            self._job["cancel"].set()
-            self._job["timer"].stop()
-            self._job = None
+        self.setShortcuts(False)
+        if not hasattr(self, "runner"):
+            return
+        self.pollTimer.stop()
+        self.updateTimer.stop()
+        self.promptWatcher.stop()
+        self.runner.close()
+        self._job = None
+        self.setParameterNode(None)
+
+    def enter(self):
+        self.initializeParameterNode()
+        self.setShortcuts(True)
+
+    def exit(self):
+        self.setShortcuts(False)
+        for placeWidget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget, self.ui.roiPlaceWidget):
+            placeWidget.setPlaceModeEnabled(False)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+        self.onCancel()
 
     def onSceneEndClose(self, caller, event):
-        """A closed scene takes its patient with it: the chat, the report and every upload consent are reset."""
+        """A closed scene takes its patient with it: the chat, the report, every upload consent and the undo
+        history are reset; a fresh parameter node follows."""
         self.onClearChat()
         self.ui.reportText.clear()
         self.uploadConsent.clear()
+        self.logic.scene.forgetHistory()
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        """Bind the panels to the scene's parameter node; pick the first CT and make the three prompt lists."""
+        self.setParameterNode(self.logic.getParameterNode())
+        parameters = self._parameterNode
+        if not parameters.inputVolume:
+            parameters.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        for role, attribute in (("positive", "positivePoints"), ("negative", "negativePoints"), ("roi", "roi")):
+            if not getattr(parameters, attribute):
+                setattr(parameters, attribute, self.newPromptNode(role))
+        self.updatePromptNodes()
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+
+    @staticmethod
+    def newPromptNode(role):
+        """A markups node for one kind of prompt, named and coloured for it."""
+        className, name, colour = PROMPT_NODES[role]
+        node = slicer.mrmlScene.AddNewNodeByClass(className, slicer.mrmlScene.GenerateUniqueName(name))
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().SetSelectedColor(*colour)
+        node.GetDisplayNode().SetActiveColor(*colour)
+        return node
+
+    def updatePromptNodes(self):
+        """The place widgets follow the chosen prompt lists; "update on each prompt" watches them."""
+        nodes = (self.ui.positivePointsSelector.currentNode(), self.ui.negativePointsSelector.currentNode(),
+                 self.ui.roiSelector.currentNode())  # fmt: skip
+        placeWidgets = (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget, self.ui.roiPlaceWidget)
+        for placeWidget, node in zip(placeWidgets, nodes, strict=True):
+            placeWidget.setCurrentNode(node)
+        self.promptWatcher.watch(nodes)
+
+    def setShortcuts(self, enabled):
+        """P, N, B: place a positive point, a negative point, the box (while the module is shown)."""
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+            shortcut.deleteLater()
+        self._shortcuts = []
+        if not enabled:
+            return
+        placeWidgets = {"positive": self.ui.positivePlaceWidget, "negative": self.ui.negativePlaceWidget,
+                        "roi": self.ui.roiPlaceWidget}  # fmt: skip
+        for key, role in SHORTCUTS.items():
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.activated.connect(lambda placeWidget=placeWidgets[role]: placeWidget.setPlaceModeEnabled(True))
+            self._shortcuts.append(shortcut)
 
     def addCompletion(self):
         """Complete structure names in the Segment prompt from the terminology table (numpy-free import)."""
@@ -268,7 +427,8 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.localRadio.checked:
             weights = self.ui.weightsPathEdit.currentPath
             device = self.ui.deviceCombo.currentText
-            self.run("Loading the model", lambda _: MedVLSAM2Logic.createLocal(weights, device), self.onBackendReady)
+            self.run("Loading the model", lambda job: MedVLSAM2Logic.createLocal(weights, device, job.cancel),
+                     self.onBackendReady)  # fmt: skip
         else:
             url, key = self.ui.serverUrlEdit.text, self.ui.apiKeyEdit.text
             self.run("Connecting", lambda _: MedVLSAM2Logic.createRemote(url, key), self.onBackendReady)
@@ -295,57 +455,43 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ running work off the UI thread
 
     def run(self, title, work, done):
-        """Run ``work(progress)`` on a worker thread; ``done(result)`` runs on the main thread. ``progress(text)``
-        streams text into the panel and raises :class:`Cancelled` after Cancel."""
-        if self._job is not None:
+        """Run ``work(job)`` on the worker thread (``job.cancel`` is the flag to hand to the backend,
+        ``job.progress(text)`` streams text into the panel); ``done(result)`` runs on the main thread."""
+        if self.runner.busy:
             slicer.util.errorDisplay("MedVLSAM2 is still busy; wait or press Cancel.")
-            return
-        messages, cancel = queue.Queue(), threading.Event()
-
-        def progress(text):
-            if cancel.is_set():
-                raise Cancelled()
-            messages.put(("progress", text))
-
-        def target():
-            try:
-                messages.put(("done", work(progress)))
-            except Cancelled:
-                messages.put(("cancelled", None))
-            except Exception as err:  # shown to the user as one message, logged with its traceback
-                logging.exception("MedVLSAM2: %s failed", title)
-                messages.put(("error", err))
-
-        timer = qt.QTimer()
-        self._job = {"cancel": cancel, "timer": timer, "done": done, "messages": messages, "title": title}
+            return False
+        self._job = (self.runner.submit(title, work), done)
         self.ui.statusLabel.text = f"{title}…"
         self.ui.progressBar.setRange(0, 0)
         self.ui.cancelButton.enabled = True
-        timer.timeout.connect(self.poll)
-        timer.start(100)
-        threading.Thread(target=target, daemon=True, name="MedVLSAM2 job").start()
+        self.pollTimer.start()
+        return True
 
     def poll(self):
-        job = self._job
-        while not job["messages"].empty():
-            kind, value = job["messages"].get()
-            if kind == "progress":
-                self.onProgress(value)
+        """Each tick: wait briefly for the worker (releasing the GIL), then show what it reported."""
+        if self._job is None:
+            self.pollTimer.stop()
+            return
+        job, done = self._job
+        for event in job.events(wait=POLL_WAIT_S):
+            if event.kind == "progress":
+                self.onProgress(event.value)
                 continue
-            job["timer"].stop()
+            self.pollTimer.stop()
             self._job = None
-            if kind == "done" and job["cancel"].is_set():
-                kind = "cancelled"  # finished while cancelling: its result is dropped, nothing is written
             self.ui.progressBar.setRange(0, 1)
-            self.ui.progressBar.value = 1 if kind == "done" else 0
+            self.ui.progressBar.value = 1 if event.kind == "done" else 0
             self.ui.cancelButton.enabled = False
-            self.ui.statusLabel.text = {"done": f"{job['title']}: done", "cancelled": f"{job['title']}: cancelled",
-                                        "error": f"{job['title']}: failed"}[kind]  # fmt: skip
-            if kind == "done":
-                with slicer.util.tryWithErrorDisplay(f"{job['title']} failed."):
-                    job["done"](value)
-            elif kind == "error":
-                slicer.util.errorDisplay(f"{job['title']} failed: {value}")
+            self.ui.statusLabel.text = {"done": f"{job.title}: done", "cancelled": f"{job.title}: cancelled",
+                                        "error": f"{job.title}: failed"}[event.kind]  # fmt: skip
+            if event.kind == "done":
+                with slicer.util.tryWithErrorDisplay(f"{job.title} failed."):
+                    done(event.value)
+            elif event.kind == "error":
+                slicer.util.errorDisplay(f"{job.title} failed: {event.value}")
+            if self._updatePending:
+                self._updatePending = False
+                self.updateTimer.start()
             return
 
     def onProgress(self, text):
@@ -354,8 +500,9 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancel(self):
         if self._job is not None:
-            self._job["cancel"].set()
-            self.ui.statusLabel.text = f"{self._job['title']}: cancelling…"
+            self._job[0].cancel.set()
+            self._updatePending = False
+            self.ui.statusLabel.text = f"{self._job[0].title}: cancelling…"
 
     # ------------------------------------------------------------------ panels
 
@@ -381,13 +528,14 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volumeNode is None:
             return
         scene, inputs = self.logic.scene, self._inputs(volumeNode, "Cannot generate a report")
-        if inputs is None or self._job is not None:
+        if inputs is None or self.runner.busy:
             return
         volume, backend = inputs
         self.ui.reportText.clear()
 
-        def work(progress):
-            return backend.report(backend.encode(volume, scene.intensity), on_token=progress)
+        def work(job):
+            handle = backend.encode(volume, scene.intensity, cancel=job.cancel)
+            return backend.report(handle, on_token=job.progress, cancel=job.cancel)
 
         self.run("Generating the report", work, lambda report: self.ui.reportText.setPlainText(report.text))
 
@@ -416,8 +564,9 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        f"{html.escape(answer.text)}")  # fmt: skip
             self.ui.questionEdit.clear()
 
-        def work(_):
-            return backend.ask(backend.encode(volume, scene.intensity), question, history=history, kind=kind)
+        def work(job):
+            handle = backend.encode(volume, scene.intensity, cancel=job.cancel)
+            return backend.ask(handle, question, history=history, kind=kind, cancel=job.cancel)
 
         self.run("Answering", work, done)
 
@@ -425,12 +574,9 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.history = []
         self.ui.chatHistory.clear()
 
-    def onPositivePoints(self, node):
-        """A new point list starts with positive points: Slicer's place mode goes to it."""
-        if node is not None:
-            slicer.modules.markups.logic().SetActiveList(node)
-
-    def updateSegments(self, node=None):
+    def updateSegments(self, node=None, select=None):
+        """List the segments with the model's confidence; ``select`` (a segment id) becomes the current one."""
+        current = select or self.ui.segmentCombo.currentData
         self.ui.segmentCombo.clear()
         node = node or self.ui.segmentationSelector.currentNode()
         if node is None:
@@ -441,10 +587,17 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             score = self.logic.scene.segmentScore(segment)
             text = f"{segment.GetName()} (confidence {score})" if score else segment.GetName()
             self.ui.segmentCombo.addItem(text, segmentation.GetNthSegmentID(n))
+        index = self.ui.segmentCombo.findData(current) if current else -1
+        if index >= 0:
+            self.ui.segmentCombo.currentIndex = index
 
-    def onSegment(self, refine=False):
-        volumeNode = self._volume()
-        if volumeNode is None:
+    def onSegment(self, refine=False, quiet=False):
+        """Segment from the text and the current prompts: a new segment, or (``refine``) into the chosen one.
+        ``quiet`` (an automatic update) reports problems in the status line instead of a dialog."""
+        from MedVLSAM2Lib.errors import MedVLSAM2Error
+
+        volumeNode = self.ui.volumeSelector.currentNode() if quiet else self._volume()
+        if volumeNode is None or (quiet and not self.consentToUpload(volumeNode)):
             return
         segmentationNode = self.ui.segmentationSelector.currentNode()  # None: made once there is a mask
         segmentId = self.ui.segmentCombo.currentData if refine else None
@@ -452,26 +605,91 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay("Choose the segment to refine first.")
             return
         scene = self.logic.scene
-        with slicer.util.tryWithErrorDisplay("Segmentation failed."):
+        try:
             request = scene.segmentRequest(
                 volumeNode, self.ui.segmentTextEdit.text, self.ui.positivePointsSelector.currentNode(),
                 self.ui.negativePointsSelector.currentNode(), self.ui.roiSelector.currentNode())  # fmt: skip
-            volume = request.pop("volume")
+            scene.requireBackend()
+        except MedVLSAM2Error as err:
+            if not quiet:
+                slicer.util.errorDisplay(f"Segmentation: {err}")
+            self.ui.statusLabel.text = f"Segmentation: {err}"
+            return
+        volume = request.pop("volume")
+        title = "Refining" if refine else "Segmenting"
 
-            title = "Segmenting"
+        def done(result):
+            node = scene.outputSegmentation(segmentationNode, volumeNode)
+            self.ui.segmentationSelector.setCurrentNode(node)
+            written = scene.writeResult(result, node, volumeNode, segmentId)
+            if result.message:  # the mask came from the points or box alone
+                self.ui.statusLabel.text = f"{title}: done. {result.message}"
+            self.updateSegments(select=written[0])
 
-            def done(result):
-                node = scene.outputSegmentation(segmentationNode, volumeNode)
-                self.ui.segmentationSelector.setCurrentNode(node)
-                scene.writeResult(result, node, volumeNode, segmentId)
-                if result.message:  # the mask came from the points or box alone
-                    self.ui.statusLabel.text = f"{title}: done. {result.message}"
-                self.updateSegments()
-                self.onPositivePoints(self.ui.positivePointsSelector.currentNode())  # next click: positive
+        self.run(title, lambda job: scene.runSegment(volume, cancel=job.cancel, **request), done)
 
-            self.run(title, lambda _: scene.runSegment(volume, **request), done)
+    def onPromptChanged(self, node):
+        """A prompt was placed, moved or removed: with "update on each prompt", re-segment shortly after."""
+        if self.ui.updateOnPromptCheckBox.checked and self.logic.scene.backend is not None:
+            self.updateTimer.start()
+
+    def onPromptUpdate(self):
+        """The debounced update: refine the current segment (a new one if there is none) with the prompts."""
+        if self.runner.busy:
+            self._updatePending = True  # runs again when the current job ends, with the latest prompts
+            return
+        self.onSegment(refine=bool(self.ui.segmentCombo.currentData), quiet=True)
 
     def onUndo(self):
-        if not self.logic.scene.undo():
+        node = self.ui.segmentationSelector.currentNode()
+        if node is None or not self.logic.scene.undo(node):
             self.ui.statusLabel.text = "nothing to undo"
         self.updateSegments()
+
+    def onRedo(self):
+        node = self.ui.segmentationSelector.currentNode()
+        if node is None or not self.logic.scene.redo(node):
+            self.ui.statusLabel.text = "nothing to redo"
+        self.updateSegments()
+
+    def onExportDicomSeg(self):
+        segmentationNode, volumeNode = self.ui.segmentationSelector.currentNode(), self.ui.volumeSelector.currentNode()
+        if segmentationNode is None or volumeNode is None:
+            slicer.util.errorDisplay("Select the CT and the segmentation to export first.")
+            return
+        folder = qt.QFileDialog.getExistingDirectory(None, "Export DICOM SEG to folder")
+        if folder:
+            with slicer.util.tryWithErrorDisplay("DICOM SEG export failed.", waitCursor=True):
+                MedVLSAM2Logic.exportDicomSeg(segmentationNode, volumeNode, folder)
+                self.ui.statusLabel.text = f"DICOM SEG written to {folder}"
+
+
+class MedVLSAM2Test(ScriptedLoadableModuleTest):
+    """Reload & Test, the Self Tests module and ctest: the scenario of ``MedVLSAM2Core.self_test`` (also run by
+    ``make test`` on slicer-core) on the slicerio chest CT with the tiny preset, through the module Logic."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_with_box_and_points()
+
+    def test_segment_with_box_and_points(self):
+        tooOld = slicerTooOld()
+        if tooOld:
+            self.fail(tooOld)
+        plan = MedVLSAM2Logic.installPlan(remote=False)
+        if not plan.empty:
+            self.skipTest(f"MedVLSAM2's dependencies are not installed ({', '.join(plan.missing()) or plan.problem});"
+                          " click Install dependencies in the module, then run the test again.")  # fmt: skip
+        from MedVLSAM2Core.self_test import runSelfTest, selfTestInputs
+
+        self.delayDisplay("Loading the slicerio chest CT")
+        ctPath, referencePath = selfTestInputs()
+        volumeNode = slicer.util.loadVolume(ctPath)
+        logic = MedVLSAM2Logic()
+        logic.loadLocal("tiny", "cpu")
+        self.delayDisplay("Segmenting the right lung from a box and two points (tiny preset, random weights)")
+        facts = runSelfTest(logic.scene, volumeNode, referencePath)
+        self.delayDisplay(f"MedVLSAM2 self-test passed: {facts['voxels']} voxels on the CT's grid {facts['shape']}")

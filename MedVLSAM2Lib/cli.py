@@ -38,6 +38,7 @@ DOCTOR_PACKAGES = (
     ("nibabel", "nibabel"),
     ("nrrd", "pynrrd"),
     ("pydicom", "pydicom"),
+    ("highdicom", "highdicom"),
     ("slicerio", "slicerio"),
     ("PIL", "pillow"),
 )
@@ -273,11 +274,12 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError("nothing to segment: give --text, --point or --box.")
     output = Path(args.output) if args.output else None
     if output is not None:
-        _check_output(output, args.overwrite)
+        _check_output(output, args.overwrite, args.ct)
     engine, handle = _open(args)
     result = engine.segment(handle, text=args.text, points=points, boxes=boxes, answer=args.answer)
     data = {"question": result.question, "answer": result.answer, "output": str(output) if output else None,
-            "objects": [{"label": o.label, "voxels": int(o.mask.sum()), "score": round(o.score, 4), "value": n + 1}
+            "objects": [{"label": o.label, "voxels": int(o.mask.sum()), "score": round(o.score, 4), "value": n + 1,
+                         "presence": None if o.presence is None else [round(float(p), 3) for p in o.presence]}
                         for n, o in enumerate(result.objects)],
             "timings": {k: round(v, 3) for k, v in result.timings.items()}, "from_prompts": result.from_prompts,
             "message": result.message}  # fmt: skip
@@ -293,22 +295,36 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def _check_output(output: Path, overwrite: bool, ct: str) -> None:
+    """Refuse a bad ``-o`` before the model loads; a DICOM SEG also needs source images it can reference."""
     name = output.name.lower()
-    if not name.endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")):
-        raise InputError(f"{output}: write .seg.nrrd (Slicer segmentation), .nii.gz, .nii, .nrrd or .mha.")
+    if not name.endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")):
+        raise InputError(f"{output}: write .seg.nrrd (Slicer segmentation), .dcm (DICOM SEG), .nii.gz, .nii, .nrrd "
+                         "or .mha.")  # fmt: skip
     if output.exists() and not overwrite:
         raise InputError(f"{output}: exists; choose another -o or pass --overwrite.")
+    if name.endswith(".dcm"):
+        if not Path(ct).is_dir():
+            raise InputError(f"DICOM SEG output needs a DICOM series input (it references the source images); got {ct}")
+        from .dicom_seg import read_sources, source_files
+
+        read_sources(source_files(ct))  # headers only: UIDs and geometry a SEG must reference
 
 
 def _write_masks(volume, objects, output: Path) -> None:  # noqa: ANN001
-    """A ``.seg.nrrd`` with one named segment per object, or a label map (value n = object n) on the CT's grid."""
+    """A ``.seg.nrrd`` with one named segment per object, a DICOM SEG (segment n = object n) referencing the CT's
+    DICOM series, or a label map (value n = object n) on the CT's grid."""
     import numpy as np
 
     from .segmentation import Segment, Segmentation, write_segmentation
     from .terminology import lookup
     from .volume import write_volume
 
+    if output.name.lower().endswith(".dcm"):
+        from .dicom_seg import series_files, write_dicom_seg
+
+        write_dicom_seg(objects, series_files(volume), output, ijk_to_ras=volume.ijk_to_ras)
+        return
     if output.name.lower().endswith(".seg.nrrd"):
         segments, seen = [], set()
         for n, obj in enumerate(objects):
@@ -466,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--point", action="append", default=[], help="i,j,k[,label] in the CT's voxels")
             sub.add_argument("--box", action="append", default=[], help="i0,j0,k0,i1,j1,k1 in the CT's voxels")
             sub.add_argument("--answer", help="skip generation and use this answer (with [SEG]): the mask path alone")
-            sub.add_argument("-o", "--output", help="mask file: .seg.nrrd (segments) or .nii.gz/.nrrd (label map)")
+            sub.add_argument("-o", "--output", help="mask file: .seg.nrrd (segments), .dcm (DICOM SEG; needs a DICOM "
+                             "folder input) or .nii.gz/.nrrd (label map)")  # fmt: skip
             sub.add_argument("--overwrite", action="store_true", help="replace an existing output file")
         sub.add_argument("--weights", help="trained checkpoint folder (config.json + model.safetensors)")
         sub.add_argument("--preset", help="random-weight preset instead (tiny, small, paper): tests the pipeline")

@@ -12,6 +12,11 @@ Everything is in the volume's own voxel grid (IJK prompts, KJI masks); the engin
 and back with :mod:`MedVLSAM2Lib.preprocess`. Per volume it caches the model-grid tensors, the projected
 visual tokens and (on the first segmentation) SAM2's input image and its features of every slice, in an LRU bounded
 in bytes, so further questions and prompts on the same volume skip both encoders.
+
+Every long call (``load``, ``encode``, ``report``, ``ask``, ``segment``) takes a keyword-only ``cancel`` (a
+``threading.Event``, or anything with ``is_set()``) that another thread may set: the call then raises
+:class:`~MedVLSAM2Lib.errors.Cancelled` at its next check (between load steps, encoding steps, generated tokens and
+SAM2 slices), and the engine stays usable: entries enter the cache only whole.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, preset
-from .errors import CapacityError, InputError, WeightsError
+from .errors import CapacityError, InputError, WeightsError, raise_if_cancelled
 from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import AnswerMasks, MedVLSAM2Model, SegTarget
 from .preprocess import GridConfig, GridRecord, probabilities_from_model, sam_input, to_model
@@ -49,6 +55,7 @@ __all__ = [
     "SegmentResult",
     "check_ct",
     "prompt_answer",
+    "slice_presence",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,11 +150,16 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     return dtype
 
 
-def load_model(source: str | Path) -> MedVLSAM2Model:
+def load_model(source: str | Path, *, cancel: threading.Event | None = None) -> MedVLSAM2Model:
     """A preset name (random weights, seeded: identical in every process) or a checkpoint folder written by
-    training or ``save_checkpoint``."""
+    training or ``save_checkpoint``; ``cancel`` is checked before building and between the load steps.
+
+    Raises:
+        Cancelled: ``cancel`` was set.
+    """
     from .model.weights import load_checkpoint
 
+    raise_if_cancelled(cancel, "loading the model")
     if str(source) in PRESETS:
         with torch.random.fork_rng(devices=[]):  # the same random weights in every process (sharded evaluation)
             torch.manual_seed(PRESET_SEED)
@@ -157,7 +169,36 @@ def load_model(source: str | Path) -> MedVLSAM2Model:
         raise InputError(f"{source}: neither a preset ({', '.join(sorted(PRESETS))}) nor an existing weights folder.")
     if not path.is_dir():
         raise WeightsError(f"{source}: a weights folder is expected (config.json + model.safetensors), got a file.")
-    return load_checkpoint(path)
+    return load_checkpoint(path, cancel=cancel)
+
+
+def slice_presence(presence_model: np.ndarray, record: GridRecord) -> np.ndarray | None:
+    """SAM2's per-slice object probability ``(D,)`` of the model grid, on the slices of the volume's own k axis.
+
+    Rule: volume slice ``k`` takes the value of the model slice that :func:`~MedVLSAM2Lib.preprocess.mask_from_model`
+    samples for it, the model slice nearest to it along the slice axis (nearest-exact: ``d = floor((k_crop + 0.5) ·
+    D / n_crop)`` with ``k_crop`` its index in the foreground crop of ``n_crop`` slices); slices outside the crop get
+    0, as their mask voxels do. So every value is one of the model's, and ``max(presence) == max(presence_model)``
+    (the object's score) whenever the crop holds at least ``D`` slices, each model slice then being some volume
+    slice's nearest; with fewer (a thin volume, upsampled), ``max(presence) <= max(presence_model)``.
+
+    Args:
+        presence_model: ``(D,)`` float in [0, 1], model slices in order (``AnswerMasks.object_scores`` row).
+        record: the volume's :class:`~MedVLSAM2Lib.preprocess.GridRecord`.
+
+    Returns:
+        ``(K,)`` float32 in [0, 1], or ``None`` when the volume's k axis is not the model's slice axis (a volume
+        stored in sagittal or coronal slices): SAM2's slices then cut across the volume's own.
+    """
+    target, flip = np.asarray(record.orientation)[2]  # where the volume's k axis goes in the canonical (S-up) grid
+    if int(target) != 2:
+        return None
+    depth, (start, stop) = record.spatial_size[0], (record.crop_start[0], record.crop_stop[0])
+    slices = torch.arange(depth, dtype=torch.float32)[None, None]  # the same sampling as mask_from_model's resize
+    nearest = torch.nn.functional.interpolate(slices, size=stop - start, mode="nearest-exact")[0, 0].long().numpy()
+    canonical = np.zeros(record.canonical_shape[0], dtype=np.float32)
+    canonical[start:stop] = np.asarray(presence_model, dtype=np.float32)[nearest]
+    return canonical[::-1].copy() if flip < 0 else canonical
 
 
 def _split_report(text: str) -> tuple[str, str]:
@@ -227,16 +268,21 @@ class InferenceEngine:
     @classmethod
     def load(
         cls, source: str | Path = "tiny", device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES, *, cancel: threading.Event | None = None,
     ) -> InferenceEngine:  # fmt: skip
-        """An engine over a preset (random weights) or a checkpoint folder.
+        """An engine over a preset (random weights) or a checkpoint folder. ``cancel`` is checked before any work,
+        between the load steps (language model, model, ViT, SAM2 and trained weights) and before the move to
+        ``device``.
 
         Raises:
             InputError: unknown preset/device/dtype. WeightsError: an unreadable or incomplete weights folder.
+            Cancelled: ``cancel`` was set (the half-loaded model is dropped).
         """
         device = _resolve_device(device)
         _resolve_dtype(dtype, device)
-        return cls(load_model(source), device, dtype, cache_bytes)
+        model = load_model(source, cancel=cancel)
+        raise_if_cancelled(cancel, "loading the model")
+        return cls(model, device, dtype, cache_bytes)
 
     # ------------------------------------------------------------------ cache
 
@@ -270,26 +316,33 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, volume: Volume, intensity: str = "hu") -> VolumeHandle:
+    def encode(self, volume: Volume, intensity: str = "hu", *, cancel: threading.Event | None = None) -> VolumeHandle:
         """Map ``volume`` to the model grid and encode it (cached by content: encoding the same voxels and
-        geometry again is free). ``intensity`` is ``"hu"`` or ``"normalized"`` (see ``INTENSITIES``).
+        geometry again is free). ``intensity`` is ``"hu"`` or ``"normalized"`` (see ``INTENSITIES``). ``cancel`` is
+        checked before any work and between the steps (content key, model grid, ViT).
 
         Raises:
             InputError: not a 3D CT volume (see :func:`check_ct`).
+            Cancelled: ``cancel`` was set; nothing of this volume is cached.
         """
+        raise_if_cancelled(cancel, "encoding the volume")
         check_ct(volume, intensity)
         key = _volume_key(volume, intensity)
         handle = VolumeHandle(key, tuple(volume.array.shape), volume, intensity)
-        self._entry(handle)
+        self._entry(handle, cancel)
         return handle
 
-    def _entry(self, handle: VolumeHandle) -> _Encoded:
+    def _entry(self, handle: VolumeHandle, cancel: threading.Event | None = None) -> _Encoded:
+        """The cached encoding of ``handle``, made now when absent (evicted, or first use); an entry enters the
+        cache only whole, so a cancelled encoding leaves none."""
         if handle.key in self._cache:
             self._cache.move_to_end(handle.key)
             return self._cache[handle.key]
+        raise_if_cancelled(cancel, "encoding the volume")
         config = self.model.config
         grid = GridConfig(spatial_size=config.vision.img_size)
         image, record = to_model(handle.volume, grid)
+        raise_if_cancelled(cancel, "encoding the volume")
         image_t = torch.from_numpy(image)[None, None].to(self.device)
         with self._capacity("encoding the volume"), torch.inference_mode(), self._autocast():
             visual = self.model.visual_tokens(image_t.to(self.dtype))
@@ -314,9 +367,12 @@ class InferenceEngine:
             self._evict()
         return entry.sam_image
 
-    def _features(self, handle: VolumeHandle, entry: _Encoded) -> dict:
+    def _features(self, handle: VolumeHandle, entry: _Encoded, cancel: threading.Event | None = None) -> dict:
+        """SAM2's features of every slice of ``entry``, made on the first segmentation and stored only whole."""
         if entry.features is None:
+            raise_if_cancelled(cancel, "the segmentation")
             sam_image = self._sam_image(handle, entry)
+            raise_if_cancelled(cancel, "the segmentation")
             with self._capacity("encoding the slices with SAM2"), torch.inference_mode(), self._autocast():
                 entry.features = self.model.sam_features(sam_image[0])
             self._evict()
@@ -325,44 +381,58 @@ class InferenceEngine:
     # ------------------------------------------------------------------ tasks
 
     def _generate(self, entry: _Encoded, question: str, history: Sequence[tuple[str, str]], max_new_tokens: int,
-                  on_token: Callable[[str], None] | None) -> tuple[list[int], list[int]]:  # fmt: skip
+                  on_token: Callable[[str], None] | None,
+                  cancel: threading.Event | None = None) -> tuple[list[int], list[int]]:  # fmt: skip
         prompt = self.model.prompt_ids(question, tuple(tuple(turn) for turn in history))
         with self._capacity("generating text"), self._autocast():
             answer = self.model.generate(None, prompt, max_new_tokens=max_new_tokens, on_token=on_token,
-                                         visual=entry.visual)  # fmt: skip
+                                         visual=entry.visual, cancel=cancel)  # fmt: skip
         return prompt, answer
 
     def _decode(self, ids: list[int]) -> str:
         return self.model.tokenizer.decode(ids, skip_special_tokens=False).replace("<|im_end|>", "").strip()
 
     def report(self, handle: VolumeHandle, on_token: Callable[[str], None] | None = None,
-               max_new_tokens: int = REPORT_TOKENS) -> Report:  # fmt: skip
-        """Generate a radiology report; ``on_token`` receives the text as it is generated."""
+               max_new_tokens: int = REPORT_TOKENS, *, cancel: threading.Event | None = None) -> Report:  # fmt: skip
+        """Generate a radiology report; ``on_token`` receives the text as it is generated. ``cancel`` is checked
+        after every token (right after ``on_token``, so a callback may set it) and before the first.
+
+        Raises:
+            Cancelled: ``cancel`` was set.
+        """
         start = time.perf_counter()
-        entry = self._entry(handle)
-        _, answer = self._generate(entry, load_templates().report_questions[0], (), max_new_tokens, on_token)
+        entry = self._entry(handle, cancel)
+        question = load_templates().report_questions[0]
+        _, answer = self._generate(entry, question, (), max_new_tokens, on_token, cancel)
         text = self._decode(answer)
         findings, impression = _split_report(text)
         return Report(text, findings, impression, len(answer), time.perf_counter() - start)
 
     def ask(self, handle: VolumeHandle, question: str, history: Sequence[tuple[str, str]] = (),
-            kind: str = "short", on_token: Callable[[str], None] | None = None) -> Answer:  # fmt: skip
+            kind: str = "short", on_token: Callable[[str], None] | None = None, *,
+            cancel: threading.Event | None = None) -> Answer:  # fmt: skip
         """Answer a question about the volume; ``history`` holds earlier (question, answer) turns of the chat,
-        ``kind`` is ``short``, ``long`` or ``choice`` (options written in the question, e.g. "(a) … (b) …")."""
+        ``kind`` is ``short``, ``long`` or ``choice`` (options written in the question, e.g. "(a) … (b) …").
+        ``cancel`` is checked as in :meth:`report`.
+
+        Raises:
+            InputError: an empty question or an unknown kind. Cancelled: ``cancel`` was set.
+        """
         if not question or not question.strip():
             raise InputError("the question is empty.")
         if kind not in ANSWER_TOKENS:
             raise InputError(f"unknown answer kind {kind!r}; choose one of {sorted(ANSWER_TOKENS)}.")
         start = time.perf_counter()
-        entry = self._entry(handle)
-        _, answer = self._generate(entry, vqa_question(question, kind), history, ANSWER_TOKENS[kind], on_token)
+        entry = self._entry(handle, cancel)
+        asked = vqa_question(question, kind)
+        _, answer = self._generate(entry, asked, history, ANSWER_TOKENS[kind], on_token, cancel)
         text = self._decode(answer)
         choice = parse_choice(text, question_options(question)) if kind == "choice" else None
         return Answer(text, kind, choice, time.perf_counter() - start)
 
     def segment(self, handle: VolumeHandle, text: str | None = None, points: Sequence[PointPrompt] = (),
-                boxes: Sequence[BoxPrompt] = (), *, answer: str | None = None,
-                probabilities: bool = False) -> SegmentResult:  # fmt: skip
+                boxes: Sequence[BoxPrompt] = (), *, answer: str | None = None, probabilities: bool = False,
+                cancel: threading.Event | None = None) -> SegmentResult:  # fmt: skip
         """Segment from text, point/box prompts (IJK of the volume), or both.
 
         With ``text``, the model answers the question built from it (:func:`segmentation_question`); each
@@ -371,14 +441,18 @@ class InferenceEngine:
         empty) and the mask does not depend on the language model. They also give the mask, alone, when the
         answer to a text has no ``[SEG]``; the result then says so (``from_prompts``, ``message``). ``answer``
         replaces generation by a given answer (evaluating the mask path alone); it must contain ``[SEG]``.
-        ``probabilities`` also returns each mask's probabilities (for soft Dice).
+        ``probabilities`` also returns each mask's probabilities (for soft Dice). Each mask carries SAM2's object
+        score and its per-slice ``presence`` (:func:`slice_presence`). ``cancel`` is checked before any work, after
+        every generated token, before SAM2's image encoder, before every SAM2 slice and between objects mapped back.
 
         Raises:
             InputError: no text and no prompts, a prompt outside the volume, an ``answer`` without ``[SEG]`` or
                 without ``text``;
                 :class:`~MedVLSAM2Lib.errors.IntensityScaleError` (an ``InputError``): a normalised volume whose
                 HU scale cannot be estimated, so SAM2 has no input (:func:`~MedVLSAM2Lib.preprocess.sam_input`).
+            Cancelled: ``cancel`` was set; SAM2's features stay cached only if they were whole.
         """
+        raise_if_cancelled(cancel, "the segmentation")
         if text is None and not points and not boxes:
             raise InputError("nothing to segment: give a text, point prompts or box prompts.")
         if answer is not None and SEG_TOKEN not in answer:
@@ -388,16 +462,16 @@ class InferenceEngine:
         question = segmentation_question(text) if text is not None else ""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        entry = self._entry(handle)
+        entry = self._entry(handle, cancel)
         points_model, boxes_model = entry.record.prompts_to_model(tuple(points), tuple(boxes))
         prompted = SegTarget(None, tuple(points_model), tuple(boxes_model))
         timings["encode"] = time.perf_counter() - start
         if text is None:
-            objects = self._prompted_object(handle, entry, prompted, probabilities, timings)
+            objects = self._prompted_object(handle, entry, prompted, probabilities, timings, cancel=cancel)
             timings["total"] = time.perf_counter() - start
             return SegmentResult("", "", objects, handle.volume.ijk_to_ras.copy(), timings, from_prompts=True)
         if answer is None:
-            prompt, answer_ids = self._generate(entry, question, (), SEGMENT_TOKENS, None)
+            prompt, answer_ids = self._generate(entry, question, (), SEGMENT_TOKENS, None, cancel)
         else:
             prompt, answer_ids = self.model.prompt_ids(question), self._token_ids(answer)
         timings["generate"] = time.perf_counter() - start - timings["encode"]
@@ -408,9 +482,9 @@ class InferenceEngine:
         if message:
             logger.info(message)
         if from_prompts:
-            objects = self._prompted_object(handle, entry, prompted, probabilities, timings, text)
+            objects = self._prompted_object(handle, entry, prompted, probabilities, timings, text, cancel)
         else:
-            objects = self._objects(handle, entry, prompt, answer_ids, prompted, text, probabilities, timings)
+            objects = self._objects(handle, entry, prompt, answer_ids, prompted, text, probabilities, timings, cancel)
         timings["total"] = time.perf_counter() - start
         return SegmentResult(question, answer_text, objects, handle.volume.ijk_to_ras.copy(), timings,
                              from_prompts=from_prompts, message=message)  # fmt: skip
@@ -419,50 +493,56 @@ class InferenceEngine:
         return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _objects(self, handle: VolumeHandle, entry: _Encoded, prompt: list[int], answer_ids: list[int],
-                 prompted: SegTarget, text: str | None, probabilities: bool,
-                 timings: dict[str, float]) -> list[ObjectMask]:  # fmt: skip
+                 prompted: SegTarget, text: str | None, probabilities: bool, timings: dict[str, float],
+                 cancel: threading.Event | None = None) -> list[ObjectMask]:  # fmt: skip
         """One mask on the volume's grid per ``[SEG]`` of ``answer_ids``: ``prompted`` (the user's points and
         boxes) steers the first, the others have no prompts. Adds ``sam_encode`` and ``masks`` to ``timings``."""
         count = answer_ids.count(self.model.tokens.seg)
         if not count:
             return []
-        features = self._timed_features(handle, entry, timings)
+        features = self._timed_features(handle, entry, timings, cancel)
         targets = [prompted] + [SegTarget()] * (count - 1)
         mark = time.perf_counter()
         with self._capacity("decoding masks"), self._autocast():
             masks = self.model.segment_answer(None, self._sam_image(handle, entry), prompt, answer_ids, targets,
-                                              visual=entry.visual, features=features)  # fmt: skip
-        objects = self._object_masks(masks, _labels(text, self._decode(answer_ids), count), entry, probabilities)
+                                              visual=entry.visual, features=features, cancel=cancel)  # fmt: skip
+        labels = _labels(text, self._decode(answer_ids), count)
+        objects = self._object_masks(masks, labels, entry, probabilities, cancel)
         timings["masks"] = time.perf_counter() - mark
         return objects
 
     def _prompted_object(self, handle: VolumeHandle, entry: _Encoded, prompted: SegTarget, probabilities: bool,
-                         timings: dict[str, float], text: str | None = None) -> list[ObjectMask]:  # fmt: skip
+                         timings: dict[str, float], text: str | None = None,
+                         cancel: threading.Event | None = None) -> list[ObjectMask]:  # fmt: skip
         """The one mask of the user's points or box alone (no ``[SEG]`` state); named after a short ``text``."""
-        features = self._timed_features(handle, entry, timings)
+        features = self._timed_features(handle, entry, timings, cancel)
         mark = time.perf_counter()
         with self._capacity("decoding masks"), self._autocast():
-            masks = self.model.segment_prompts(self._sam_image(handle, entry), prompted, features)
-        objects = self._object_masks(masks, _labels(text, "", 1), entry, probabilities)
+            masks = self.model.segment_prompts(self._sam_image(handle, entry), prompted, features, cancel=cancel)
+        objects = self._object_masks(masks, _labels(text, "", 1), entry, probabilities, cancel)
         timings["masks"] = time.perf_counter() - mark
         return objects
 
-    def _timed_features(self, handle: VolumeHandle, entry: _Encoded, timings: dict[str, float]) -> dict:
+    def _timed_features(self, handle: VolumeHandle, entry: _Encoded, timings: dict[str, float],
+                        cancel: threading.Event | None = None) -> dict:  # fmt: skip
         mark = time.perf_counter()
-        features = self._features(handle, entry)
+        features = self._features(handle, entry, cancel)
         timings["sam_encode"] = time.perf_counter() - mark
         return features
 
-    def _object_masks(self, masks: AnswerMasks, labels: list[str], entry: _Encoded,
-                      probabilities: bool) -> list[ObjectMask]:  # fmt: skip
-        """Model-grid masks → :class:`ObjectMask` per label on the volume's grid."""
+    def _object_masks(self, masks: AnswerMasks, labels: list[str], entry: _Encoded, probabilities: bool,
+                      cancel: threading.Event | None = None) -> list[ObjectMask]:  # fmt: skip
+        """Model-grid masks → :class:`ObjectMask` per label on the volume's grid, with score and per-slice presence."""
         model_probabilities = masks.probabilities.float().cpu().numpy()
-        scores = masks.object_scores.float().amax(dim=1).cpu().tolist()
+        model_presence = masks.object_scores.float().cpu().numpy()  # (n, D)
         objects = []
-        for label, prob, score in zip(labels, model_probabilities, scores, strict=True):
+        for label, prob, present in zip(labels, model_probabilities, model_presence, strict=True):
+            raise_if_cancelled(cancel, "the segmentation")
             on_volume = probabilities_from_model(prob, entry.record)
             kept = on_volume.astype(np.float16) if probabilities else None
-            objects.append(ObjectMask(label, (on_volume > 0.5).astype(np.uint8), float(score), kept))
+            mask = (on_volume > 0.5).astype(np.uint8)
+            presence = slice_presence(present, entry.record)
+            objects.append(ObjectMask(label, mask, float(present.max()), kept, presence))
         return objects
 
     def describe(self) -> dict[str, Any]:

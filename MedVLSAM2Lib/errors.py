@@ -6,6 +6,8 @@ dialogs; library code raises them with a sentence the user can act on.
 
 from __future__ import annotations
 
+import threading
+
 __all__ = [
     "MedVLSAM2Error",
     "InputError",
@@ -15,6 +17,8 @@ __all__ = [
     "ProtocolError",
     "SessionExpiredError",
     "ServerError",
+    "Cancelled",
+    "raise_if_cancelled",
 ]
 
 
@@ -48,3 +52,23 @@ class SessionExpiredError(MedVLSAM2Error):
 
 class ServerError(MedVLSAM2Error):
     """The server cannot be reached, refused the request (key, version), or did not answer as a MedVLSAM2 server."""
+
+
+class Cancelled(MedVLSAM2Error):
+    """The caller set the ``cancel`` event of a long job (load, encode, report, ask, segment; local or remote), which
+    stopped at its next check (between tokens, slices or steps) and returned nothing. Nothing half-done is kept: the
+    engine or client that ran it stays usable. A GUI shows it as a status, not as an error."""
+
+
+def raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
+    """Raise :class:`Cancelled` when ``cancel`` (a ``threading.Event``, or anything with ``is_set()``) is set.
+
+    Args:
+        cancel: the caller's cancel flag; ``None``: the job cannot be cancelled.
+        what: the job, for the message (e.g. ``"the report"``).
+
+    Raises:
+        Cancelled: the flag is set.
+    """
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{what} was cancelled.")

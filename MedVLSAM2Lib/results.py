@@ -39,12 +39,16 @@ class Answer:
 @dataclass
 class ObjectMask:
     """One segmented structure: ``mask`` is uint8 KJI on the volume's own grid; ``score`` is SAM2's highest
-    per-slice probability that the object is present; ``probabilities`` (float16, same grid) only when asked."""
+    per-slice probability that the object is present; ``probabilities`` (float16, same grid) only when asked;
+    ``presence`` ``(K,)`` float32 in [0, 1]: per slice ``k`` of the volume, the probability that the object is present
+    there (SAM2's score of the nearest model slice, 0 outside the model's crop; see ``engine.slice_presence``), or
+    ``None`` where that has no meaning (the volume's k axis is not the axial one SAM2 runs along; an old server)."""
 
     label: str
     mask: np.ndarray
     score: float
     probabilities: np.ndarray | None = field(default=None, repr=False)
+    presence: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass

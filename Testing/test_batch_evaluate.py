@@ -1,5 +1,6 @@
-"""``Testing/batch_evaluate.py`` in plain Python on the slicer-core wheel: the module Logic over an M3D-Seg-layout
-split and a folder of real CTs writes .seg.nrrd files, reports and a metrics table; a rerun keeps what exists."""
+"""``MedVLSAM2/Scripts/batch_evaluate.py`` (installed with the extension) in plain Python on the slicer-core wheel:
+the module Logic over an M3D-Seg-layout split and a folder of real CTs writes .seg.nrrd files, reports and a
+metrics table; a rerun keeps what exists."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from MedVLSAM2Lib.segmentation import read_segmentation
 
 pytestmark = [pytest.mark.slicer, pytest.mark.realdata, pytest.mark.slow]
 
-SCRIPT = [sys.executable, str(REPO / "Testing" / "batch_evaluate.py")]
+SCRIPT = [sys.executable, str(REPO / "MedVLSAM2" / "Scripts" / "batch_evaluate.py")]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -69,11 +70,11 @@ def test_batch_over_a_folder_writes_reports_and_names_failures(tmp_path, data_di
 def test_arguments_reach_the_script_as_slicer_hands_them_over(monkeypatch):
     """``Slicer --no-main-window --python-script batch_evaluate.py ARGS``: the script sees ``sys.argv[1:]`` = ARGS
     (with or without a leading ``--``), exactly what its ``__main__`` passes to ``main``."""
-    sys.path.insert(0, str(REPO / "Testing"))
+    sys.path.insert(0, str(REPO / "MedVLSAM2" / "Scripts"))
     import batch_evaluate
 
     readme = (REPO / "README.md").read_text()
-    start = "Slicer --no-main-window --python-script Testing/batch_evaluate.py"
+    start = "Slicer --no-main-window --python-script MedVLSAM2/Scripts/batch_evaluate.py"
     command = readme.split(start, 1)[1].split("\n.venv")[0]
     args = command.replace("\\\n", " ").split()
     for argv in (["batch_evaluate.py", *args], ["batch_evaluate.py", "--", *args]):

@@ -69,9 +69,12 @@ def test_a_box_in_the_inputs_ijk_prompts_the_model_grid_slice_that_holds_it(engi
     seen = []
     segmenter = engine.model.segmenter
     original = segmenter.forward
-    monkeypatch.setattr(
-        segmenter, "forward", lambda f, lang, prompts=None: seen.append(prompts) or original(f, lang, prompts)
-    )
+
+    def recording(features, language, prompts=None, **options):  # noqa: ANN001, ANN003, ANN202
+        seen.append(prompts)
+        return original(features, language, prompts, **options)
+
+    monkeypatch.setattr(segmenter, "forward", recording)
     engine.segment(engine.encode(volume), boxes=[box])
     (prompts,) = seen
     (z,) = prompts

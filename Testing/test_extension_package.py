@@ -38,14 +38,14 @@ def _files(root, pattern: str, skip: tuple[str, ...] = ()) -> set[str]:  # noqa:
 
 def test_cmake_lists_every_script_and_resource():
     module, library = REPO / "MedVLSAM2", REPO / "MedVLSAM2Lib"
-    assert _cmake_list(module / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS") == _files(module, "*.py", ("Testing",))
+    assert _cmake_list(module / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS") == _files(module, "*.py")
     resources = _files(module / "Resources", "*.*")
     assert _cmake_list(module / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES") == {f"Resources/{r}" for r in resources}
     assert _cmake_list(library / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS") == _files(library, "*.py")
     assert _cmake_list(library / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES") == _files(library, "resources/*")
     assert [p.name for p in module.glob("*.py")] == ["MedVLSAM2.py"]  # Slicer loads every top-level .py as a module
-    tests = (module / "Testing" / "Python" / "CMakeLists.txt").read_text()
-    assert all(f"SCRIPT {p.name}" in tests for p in (module / "Testing" / "Python").glob("*.py"))
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in (module / "CMakeLists.txt").read_text()
+    assert "\nclass MedVLSAM2Test(ScriptedLoadableModuleTest):" in (module / "MedVLSAM2.py").read_text()
 
 
 def test_catalog_entry_follows_the_schema_and_agrees_with_cmake():
@@ -95,3 +95,28 @@ def test_prompt_completion_offers_only_names_with_terminology():
     names = structure_names()
     assert {"liver", "spleen", "left lung", "right lung"} <= set(names) and names == sorted(names)
     assert all(lookup(name) is not None for name in names)
+
+
+def test_every_bound_widget_has_a_parameter_of_its_type():
+    """The .ui widgets bind to the parameter node by ``SlicerParameterName``; parameterNodeWrapper fails at module
+    load on a name it lacks, so every name must be a field of ``MedVLSAM2ParameterNode`` of the widget's kind."""
+    import ast
+
+    tree = ElementTree.parse(REPO / "MedVLSAM2" / "Resources" / "UI" / "MedVLSAM2.ui")
+    bound = {}
+    for widget in tree.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = (widget.get("class"), widget)
+    module = ast.parse((REPO / "MedVLSAM2" / "MedVLSAM2.py").read_text())
+    (node_class,) = [n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "MedVLSAM2ParameterNode"]
+    assert [ast.unparse(d) for d in node_class.decorator_list] == ["parameterNodeWrapper"]
+    fields = {n.target.id: ast.unparse(n.annotation) for n in node_class.body if isinstance(n, ast.AnnAssign)}
+    assert set(bound) == set(fields), f"bound {sorted(bound)} vs fields {sorted(fields)}"
+    kinds = {"qMRMLNodeComboBox": None, "QLineEdit": "str", "QCheckBox": "bool"}
+    for name, (widget_class, widget) in bound.items():
+        if widget_class == "qMRMLNodeComboBox":
+            types = {s.text for s in widget.find("property[@name='nodeTypes']").iter("string")}
+            assert types == {fields[name]}, f"{name}: the combo shows {types}, the parameter holds {fields[name]}"
+        else:
+            assert kinds[widget_class] == fields[name], f"{name}: a {widget_class} cannot hold {fields[name]}"

@@ -100,7 +100,9 @@ def test_segments_are_written_named_coloured_and_saved_where_the_ct_is(scene, en
     assert mask.sum() > 0 and np.array_equal(logic.maskFromSegment(nodes["segmentation"], liver, nodes["volume"]), mask)
     segment = nodes["segmentation"].GetSegmentation().GetSegment(liver)
     assert segment.GetName() == "liver" and np.allclose(segment.GetColor(), lookup("liver")[0])
-    assert logic.segmentScore(segment) == f"{expected.objects[0].score:.3f}"  # the model's confidence, shown
+    present = np.flatnonzero(expected.objects[0].presence >= 0.5)  # the slices the model saw the liver on
+    shown = f"{expected.objects[0].score:.3f}" + (f", slices {present[0]}-{present[-1]}" if len(present) else "")
+    assert logic.segmentScore(segment) == shown  # the model's confidence and where, as the segment list shows it
     tag = vtk.reference("")
     assert segment.GetTag("TerminologyEntry", tag) and "^10200004^Liver~" in str(tag)
     # saved by Slicer's own storage node, read back by slicerio: same voxels, same world position
@@ -109,7 +111,7 @@ def test_segments_are_written_named_coloured_and_saved_where_the_ct_is(scene, en
     assert storage.WriteData(nodes["segmentation"])
     saved = read_segmentation(tmp_path / "out.seg.nrrd")
     header = (tmp_path / "out.seg.nrrd").read_bytes()[:20000].decode("latin-1")
-    assert f"MedVLSAM2.Score:{logic.segmentScore(segment)}" in header  # the confidence travels with the file
+    assert f"MedVLSAM2.Score:{expected.objects[0].score:.3f}" in header  # the confidence travels with the file
     assert nodes["segmentation"].GetTransformNodeID() == nodes["volume"].GetTransformNodeID()
     assert np.allclose(SHIFT @ saved.ijk_to_ras, volume.ijk_to_ras)  # the file is in the transform's frame
     (written,) = saved.segments
@@ -127,14 +129,17 @@ def test_nothing_is_overwritten_silently_and_undo_restores(scene, engine):
                            positiveNode=nodes["points"])[0]  # fmt: skip
     assert segmentation.GetSegment(second).GetName() == "liver 2" and segmentation.GetNumberOfSegments() == 2
     assert np.array_equal(logic.maskFromSegment(nodes["segmentation"], first, nodes["volume"]), before)
-    # refine replaces the chosen segment's voxels; one undo brings them back
+    # refine replaces the chosen segment's voxels; one undo brings them back, redo the refined ones
+    node = nodes["segmentation"]
     nodes["roi"].SetSize(12, 12, 6)
-    logic.segment(nodes["volume"], nodes["segmentation"], roiNode=nodes["roi"], segmentId=first)  # the box alone
-    refined = logic.maskFromSegment(nodes["segmentation"], first, nodes["volume"])
+    logic.segment(nodes["volume"], node, roiNode=nodes["roi"], segmentId=first)  # the box alone
+    refined = logic.maskFromSegment(node, first, nodes["volume"])
     assert not np.array_equal(refined, before)
-    assert logic.undo() and np.array_equal(logic.maskFromSegment(nodes["segmentation"], first, nodes["volume"]), before)
-    assert logic.undo() and segmentation.GetNumberOfSegments() == 1 and segmentation.GetSegment(second) is None
-    assert logic.undo() and segmentation.GetNumberOfSegments() == 0 and not logic.undo()
+    assert logic.undo(node) and np.array_equal(logic.maskFromSegment(node, first, nodes["volume"]), before)
+    assert logic.redo(node) and np.array_equal(logic.maskFromSegment(node, first, nodes["volume"]), refined)
+    assert not logic.redo(node) and logic.undo(node)
+    assert logic.undo(node) and segmentation.GetNumberOfSegments() == 1 and segmentation.GetSegment(second) is None
+    assert logic.undo(node) and segmentation.GetNumberOfSegments() == 0 and not logic.undo(node)
     with pytest.raises(InputError, match="nothing to segment"):
         logic.segment(nodes["volume"], nodes["segmentation"], text="  ")
     with pytest.raises(InputError, match="no backend"):
@@ -162,7 +167,7 @@ def test_a_result_without_mask_or_message_still_says_why():
     from MedVLSAM2Lib.results import SegmentResult
 
     class _OldServer:
-        def encode(self, volume, intensity):  # noqa: ANN001, ANN202
+        def encode(self, volume, intensity, cancel):  # noqa: ANN001, ANN202
             return volume
 
         def segment(self, handle, **prompts):  # noqa: ANN001, ANN003, ANN202
@@ -206,3 +211,64 @@ def test_a_segmentation_node_is_made_only_once_there_is_a_mask(scene, engine):
     assert nodes["scene"].GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before + 1
     made = nodes["scene"].GetFirstNodeByName(f"{nodes['volume'].GetName()} MedVLSAM2")
     assert made.GetSegmentation().GetSegment(liver).GetName() == "liver"
+
+
+def test_a_manual_edit_between_two_model_runs_survives_an_undo_of_the_second(scene, engine):
+    """Undo goes through Slicer's segmentation history: it returns to the state before the model's last write,
+    which holds what the user painted in the Segment Editor after the first run."""
+    logic, nodes = SceneLogic(engine), scene
+    _prompts(nodes)
+    node, volume = nodes["segmentation"], nodes["volume"]
+    (liver,) = logic.segment(volume, node, text="liver", roiNode=nodes["roi"], answer=SEG)
+    edited = logic.maskFromSegment(node, liver, volume)
+    edited[20:24, 40:60, 40:60] = 1  # the user paints more liver (as a Segment Editor effect writes it)
+    edited[edited.nonzero()[0][0]] = 0  # and erases the model's first slice
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        logic._labelmap(volume, edited), node, liver, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    )
+    (spleen,) = logic.segment(volume, node, text="spleen", positiveNode=nodes["points"], answer=SEG)
+    logic.segment(volume, node, roiNode=nodes["roi"], segmentId=liver)  # a refine of the edited liver
+    assert not np.array_equal(logic.maskFromSegment(node, liver, volume), edited)
+    assert logic.undo(node) and np.array_equal(logic.maskFromSegment(node, liver, volume), edited)
+    assert logic.undo(node) and node.GetSegmentation().GetSegment(spleen) is None
+    assert np.array_equal(logic.maskFromSegment(node, liver, volume), edited)  # the edit outlives both undos
+    # undoing the first run too takes the edited liver away; redo brings it back with the user's edit
+    assert logic.undo(node) and node.GetSegmentation().GetNumberOfSegments() == 0 and not logic.undo(node)
+    assert logic.redo(node) and np.array_equal(logic.maskFromSegment(node, liver, volume), edited)
+    assert logic.redo(node) and node.GetSegmentation().GetSegment(spleen) is not None
+
+
+def test_the_module_self_test_scenario_passes_on_slicer_core(engine):
+    """``MedVLSAM2Test`` (Reload & Test in Slicer) runs this same scenario: box ROI and points on the slicerio chest
+    CT, the tiny preset through the module logic, the segment's name, terminology and mask checked."""
+    from MedVLSAM2Core.self_test import runSelfTest, selfTestInputs
+
+    ct, reference = selfTestInputs()
+    scene = slicer.vtkMRMLScene()
+    logic = SceneLogic(engine)
+    volumeNode = logic.addVolumeNode(scene, read_volume(ct), "CTChest")
+    facts = runSelfTest(logic, volumeNode, reference)
+    assert facts["shape"] == (34, 128, 128) and facts["voxels"] > 0 and 0 <= facts["dice"] <= 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 2
+
+
+def test_the_self_test_scenario_fails_on_an_empty_mask():
+    from MedVLSAM2Core.self_test import runSelfTest, selfTestInputs
+
+    from MedVLSAM2Lib.results import ObjectMask, SegmentResult
+
+    class _EmptyMasks:
+        def encode(self, volume, intensity, cancel):  # noqa: ANN001, ANN202
+            return volume
+
+        def segment(self, handle, **prompts):  # noqa: ANN001, ANN003, ANN202
+            mask = np.zeros(handle.array.shape, np.uint8)
+            return SegmentResult("q", "It is [SEG].", [ObjectMask("right lung", mask, 0.1)], handle.ijk_to_ras, {})
+
+    ct, reference = selfTestInputs()
+    logic = SceneLogic(_EmptyMasks())
+    scene = slicer.vtkMRMLScene()  # held: a node does not keep its scene alive
+    volumeNode = logic.addVolumeNode(scene, read_volume(ct), "CTChest")
+    with pytest.raises(AssertionError, match="the segment is empty"):
+        runSelfTest(logic, volumeNode, reference)

@@ -17,7 +17,9 @@ from MedVLSAM2Lib.errors import InputError
 from MedVLSAM2Lib.prompts import NEGATIVE, POSITIVE, BoxPrompt, PointPrompt
 from MedVLSAM2Lib.volume import Volume
 
+UNDO_STATES = 10  # model writes that can be undone per segmentation
 SCORE_TAG = "MedVLSAM2.Score"  # the model's confidence in a segment it wrote (SAM2's object score, 0..1)
+SLICES_TAG = "MedVLSAM2.PresentSlices"  # the slices (k, first-last) where the model saw the object (presence >= 0.5)
 
 __all__ = ["SceneLogic"]
 
@@ -31,7 +33,7 @@ def _register_converters() -> None:
 
 
 class SceneLogic:
-    """Node conversions, the backend call, and segment writing with one-step undo.
+    """Node conversions, the backend call, and segment writing with undo and redo.
 
     ``backend`` is a :class:`MedVLSAM2Lib.engine.InferenceEngine` (local) or a
     :class:`MedVLSAM2Lib.serving.client.ServerClient` (remote): both have ``encode/report/ask/segment``.
@@ -40,7 +42,7 @@ class SceneLogic:
     def __init__(self, backend=None, intensity: str = "hu") -> None:  # noqa: ANN001
         self.backend = backend
         self.intensity = intensity  # "hu", or "normalized" for already rescaled data such as M3D-Seg
-        self._undo: list[tuple] = []
+        self._histories: dict[str, slicer.vtkSegmentationHistory] = {}
 
     # ------------------------------------------------------------------ nodes → library
 
@@ -130,17 +132,19 @@ class SceneLogic:
             raise InputError("no backend: load a model (Local) or connect to a server (Remote) in Setup.")
         return self.backend
 
-    def encode(self, volumeNode):  # noqa: ANN001, ANN201
+    def encode(self, volumeNode, cancel=None):  # noqa: ANN001, ANN201
         """The backend's handle of the node's volume (encoded once per content: the backend caches it)."""
-        return self.requireBackend().encode(self.volumeFromNode(volumeNode), self.intensity)
+        return self.requireBackend().encode(self.volumeFromNode(volumeNode), self.intensity, cancel=cancel)
 
-    def report(self, volumeNode, onToken=None):  # noqa: ANN001, ANN201
-        """A radiology report of the volume; ``onToken`` receives the text as it is generated."""
-        return self.requireBackend().report(self.encode(volumeNode), on_token=onToken)
+    def report(self, volumeNode, onToken=None, cancel=None):  # noqa: ANN001, ANN201
+        """A radiology report of the volume; ``onToken`` receives the text as it is generated, ``cancel`` (a
+        ``threading.Event``) stops it between tokens."""
+        return self.requireBackend().report(self.encode(volumeNode, cancel), on_token=onToken, cancel=cancel)
 
-    def ask(self, volumeNode, question: str, history=(), kind: str = "short"):  # noqa: ANN001, ANN201
+    def ask(self, volumeNode, question: str, history=(), kind: str = "short", cancel=None):  # noqa: ANN001, ANN201
         """Answer ``question`` about the volume, with the chat's earlier ``(question, answer)`` turns."""
-        return self.requireBackend().ask(self.encode(volumeNode), question, history=history, kind=kind)
+        return self.requireBackend().ask(self.encode(volumeNode, cancel), question, history=history, kind=kind,
+                                         cancel=cancel)  # fmt: skip
 
     def segmentRequest(self, volumeNode, text: str | None = None, positiveNode=None, negativeNode=None,  # noqa: ANN001
                        roiNode=None, answer: str | None = None) -> dict:  # fmt: skip
@@ -157,8 +161,9 @@ class SceneLogic:
         return {"volume": self.volumeFromNode(volumeNode), "text": text, "points": points,
                 "boxes": [box] if box else [], "answer": answer}  # fmt: skip
 
-    def runSegment(self, volume: Volume, **prompts):  # noqa: ANN003, ANN201
-        """The backend call (no MRML access: safe on a worker thread); returns its ``SegmentResult``.
+    def runSegment(self, volume: Volume, cancel=None, **prompts):  # noqa: ANN001, ANN003, ANN201
+        """The backend call (no MRML access: safe on a worker thread); returns its ``SegmentResult``. ``cancel``
+        (a ``threading.Event``) stops it between slices (and between tokens while the model answers).
 
         A result whose mask came from the points or box alone because the answer had no ``[SEG]`` carries a
         ``message`` saying so; the engine logs it (in whichever process it runs) and the Widget shows it.
@@ -167,7 +172,7 @@ class SceneLogic:
             InputError: the model answered without a mask (text alone).
         """
         backend = self.requireBackend()
-        result = backend.segment(backend.encode(volume, self.intensity), **prompts)
+        result = backend.segment(backend.encode(volume, self.intensity, cancel=cancel), cancel=cancel, **prompts)
         if not result.objects:
             raise InputError(f"{result.no_mask_reason()} Nothing was written.")
         return result
@@ -181,12 +186,16 @@ class SceneLogic:
         return volumeNode.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
 
     def writeResult(self, result, segmentationNode, volumeNode, segmentId: str | None = None) -> list[str]:  # noqa: ANN001
-        """Write a ``SegmentResult`` (main thread): each mask as a new segment, or the first into ``segmentId``."""
+        """Write a ``SegmentResult`` (main thread): each mask as a new segment, or the first into ``segmentId``.
+        One :meth:`undo` reverts the whole write; the state saved before it keeps the user's own edits."""
+        self._requireSegment(segmentationNode, segmentId)
+        self._history(segmentationNode).SaveState()
         if segmentId is not None:
             first = result.objects[0]
-            return [self.writeSegment(segmentationNode, volumeNode, first.mask, segmentId=segmentId, score=first.score)]
-        return [self.writeSegment(segmentationNode, volumeNode, obj.mask, name=obj.label, score=obj.score)
-                for obj in result.objects]  # fmt: skip
+            return [self.writeSegment(segmentationNode, volumeNode, first.mask, segmentId=segmentId, score=first.score,
+                                      presence=first.presence)]  # fmt: skip
+        return [self.writeSegment(segmentationNode, volumeNode, obj.mask, name=obj.label, score=obj.score,
+                                  presence=obj.presence) for obj in result.objects]  # fmt: skip
 
     def segment(self, volumeNode, segmentationNode, text: str | None = None, positiveNode=None, negativeNode=None,  # noqa: ANN001
                 roiNode=None, segmentId: str | None = None, answer: str | None = None) -> list[str]:  # fmt: skip
@@ -224,6 +233,11 @@ class SceneLogic:
         if segmentationNode.GetDisplayNode() is None and segmentationNode.GetScene() is not None:
             segmentationNode.CreateDefaultDisplayNodes()
 
+    @staticmethod
+    def _requireSegment(segmentationNode, segmentId: str | None) -> None:  # noqa: ANN001
+        if segmentId is not None and segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+            raise InputError(f"{segmentationNode.GetName()} has no segment {segmentId!r} to refine.")
+
     def _uniqueName(self, segmentation, name: str) -> str:  # noqa: ANN001
         taken = {segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())}
         candidate, n = name, 2
@@ -232,11 +246,13 @@ class SceneLogic:
         return candidate
 
     def writeSegment(self, segmentationNode, volumeNode, mask: np.ndarray, name: str | None = None,  # noqa: ANN001
-                     segmentId: str | None = None, score: float | None = None) -> str:  # fmt: skip
+                     segmentId: str | None = None, score: float | None = None,
+                     presence: np.ndarray | None = None) -> str:  # fmt: skip
         """Write ``mask`` (KJI on the volume's grid) as a new segment called ``name`` — never over an existing
         one: a taken name gets a number — or, with ``segmentId``, replace that segment's voxels (refine).
-        Either can be reverted with :meth:`undo`. Known structure names get Slicer's terminology and colour; the
-        model's confidence ``score`` is kept in the segment's :data:`SCORE_TAG` tag (saved with the segmentation).
+        :meth:`writeResult` makes it undoable. Known structure names get Slicer's terminology and colour; the
+        model's confidence ``score`` is kept in the segment's :data:`SCORE_TAG` tag (saved with the segmentation),
+        and the range of slices its per-slice ``presence`` (one value per k) puts at >= 0.5 in :data:`SLICES_TAG`.
         """
         from slicerio.segmentation import terminology_entry_to_string
 
@@ -245,13 +261,8 @@ class SceneLogic:
         self._place(segmentationNode, volumeNode)
         segmentation = segmentationNode.GetSegmentation()
         image = self._labelmap(volumeNode, mask)
-        if segmentId is not None:
-            segment = segmentation.GetSegment(segmentId)
-            if segment is None:
-                raise InputError(f"{segmentationNode.GetName()} has no segment {segmentId!r} to refine.")
-            previous = self.maskFromSegment(segmentationNode, segmentId, volumeNode)
-            self._undo.append((segmentationNode, segmentId, self._labelmap(volumeNode, previous)))
-        else:
+        self._requireSegment(segmentationNode, segmentId)
+        if segmentId is None:
             name = self._uniqueName(segmentation, name or "segment")
             segmentId = segmentation.AddEmptySegment("", name)
             known = lookup(name.rstrip("0123456789 "))
@@ -259,32 +270,55 @@ class SceneLogic:
                 colour, terminology = known
                 segmentation.GetSegment(segmentId).SetColor(*colour)
                 segmentation.GetSegment(segmentId).SetTag("TerminologyEntry", terminology_entry_to_string(terminology))
-            self._undo.append((segmentationNode, segmentId, None))
         slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             image, segmentationNode, segmentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)  # fmt: skip
+        segment = segmentation.GetSegment(segmentId)
         if score is not None:
-            segmentation.GetSegment(segmentId).SetTag(SCORE_TAG, f"{score:.3f}")
+            segment.SetTag(SCORE_TAG, f"{score:.3f}")
+        present = np.flatnonzero(np.asarray(presence) >= 0.5) if presence is not None else []
+        if len(present):
+            segment.SetTag(SLICES_TAG, f"{present[0]}-{present[-1]}")
+        else:
+            segment.RemoveTag(SLICES_TAG)
         return segmentId
 
     @staticmethod
     def segmentScore(segment) -> str | None:  # noqa: ANN001
-        """The model's confidence kept on a segment it wrote (``None`` for segments it did not write)."""
-        tag = vtk.reference("")
-        return str(tag) if segment.GetTag(SCORE_TAG, tag) else None
+        """The model's confidence kept on a segment it wrote, with the slices it saw the object on when known
+        (``"0.930, slices 5-30"``); ``None`` for segments it did not write."""
+        score, slices = vtk.reference(""), vtk.reference("")
+        if not segment.GetTag(SCORE_TAG, score):
+            return None
+        return f"{score}, slices {slices}" if segment.GetTag(SLICES_TAG, slices) else str(score)
 
-    def undo(self) -> bool:
-        """Revert the last written or refined segment; returns whether there was anything to undo."""
-        if not self._undo:
-            return False
-        segmentationNode, segmentId, previous = self._undo.pop()
-        if previous is None:
-            segmentationNode.GetSegmentation().RemoveSegment(segmentId)
-        else:
-            replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
-            slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-                previous, segmentationNode, segmentId, replace
-            )
-        return True
+    def _history(self, segmentationNode) -> slicer.vtkSegmentationHistory:  # noqa: ANN001
+        """Slicer's segmentation undo history of ``segmentationNode`` (the class the Segment Editor uses): a state
+        is saved before each model write, so undo returns to what the user had, their manual edits included."""
+        key = segmentationNode.GetID() or str(id(segmentationNode))
+        history = self._histories.get(key)
+        if history is None or history.GetSegmentation() is not segmentationNode.GetSegmentation():
+            history = slicer.vtkSegmentationHistory()
+            history.SetMaximumNumberOfStates(UNDO_STATES)
+            history.SetSegmentation(segmentationNode.GetSegmentation())
+            self._histories[key] = history
+        return history
+
+    def undo(self, segmentationNode) -> bool:  # noqa: ANN001
+        """Return ``segmentationNode`` to its state before the last model write (redo keeps what undo took away,
+        edits made after that write included); returns whether there was anything to undo."""
+        history = self._history(segmentationNode)
+        return history.IsRestorePreviousStateAvailable() and history.RestorePreviousState()
+
+    def redo(self, segmentationNode) -> bool:  # noqa: ANN001
+        """Re-apply what the last :meth:`undo` reverted; returns whether there was anything to redo."""
+        history = self._history(segmentationNode)
+        return history.IsRestoreNextStateAvailable() and history.RestoreNextState()
+
+    def forgetHistory(self) -> None:
+        """Drop every undo state (a closed scene: its segmentations are gone)."""
+        for history in self._histories.values():
+            history.RemoveAllStates()
+        self._histories.clear()
 
     def maskFromSegment(self, segmentationNode, segmentId: str, volumeNode) -> np.ndarray:  # noqa: ANN001
         """The segment's voxels on the volume's grid (KJI, uint8)."""

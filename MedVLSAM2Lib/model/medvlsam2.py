@@ -7,6 +7,7 @@ embedding of a conversation, losses, ``forward``), then inference (``generate``,
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -16,7 +17,7 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import InputError
+from ..errors import InputError, raise_if_cancelled
 from ..prompts import BoxPrompt, PointPrompt
 from .language import IGNORE_INDEX, ChatTokens, apply_lora, build_causal_lm, build_tokenizer, encode_conversation
 from .projector import build_projector
@@ -275,14 +276,15 @@ class MedVLSAM2Model(nn.Module):
 
     def _segment_objects(
         self, sam_image: torch.Tensor, seg_tokens: torch.Tensor | None, targets: list[SegTarget],
-        features: dict | None = None,
+        features: dict | None = None, cancel: threading.Event | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """For one volume: mask logits ``(n, D, H, W)`` on the model grid, object logits ``(n, D)``, and the
         decoder's logits before SAM2's object-score gate ``(n, D, H, W)`` (what the mask loss trains).
 
         Objects without point/box prompts share one batched pass; prompted objects run one by one, without
         their ``[SEG]`` state where ``language`` is off (``seg_tokens`` may then be ``None``). ``features`` are
-        the volume's cached :meth:`sam_features` (computed here when not given).
+        the volume's cached :meth:`sam_features` (computed here when not given). ``cancel`` is checked before
+        every slice (:class:`~MedVLSAM2Lib.errors.Cancelled`).
         """
         grid = tuple(sam_image.shape)
         device = sam_image.device
@@ -302,7 +304,7 @@ class MedVLSAM2Model(nn.Module):
             prompts = {} if group is plain else self._slice_prompts(targets[group[0]], grid)
             prompts = {z: SlicePrompts(p.coords.to(device), p.labels.to(device)) for z, p in prompts.items()}
             spoken = targets[group[0]].language
-            out = self.segmenter(features, language[group] if spoken else None, prompts)
+            out = self.segmenter(features, language[group] if spoken else None, prompts, cancel=cancel)
             logits = F.interpolate(out.mask_logits, size=grid[1:], mode="bilinear", align_corners=False)
             raw = F.interpolate(out.decoder_logits, size=grid[1:], mode="bilinear", align_corners=False)
             if not spoken and language is not None:  # keeps the unused [SEG] state in the graph (DDP needs that)
@@ -376,6 +378,7 @@ class MedVLSAM2Model(nn.Module):
         temperature: float = 1.0,
         on_token: Callable[[str], None] | None = None,
         visual: torch.Tensor | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[int]:
         """Generate an answer for one volume.
 
@@ -385,13 +388,20 @@ class MedVLSAM2Model(nn.Module):
             max_new_tokens, do_sample, num_beams, temperature: decoding (greedy by default).
             on_token: called with each new piece of decoded text (greedy/sampling only).
             visual: the volume's cached :meth:`visual_tokens` (skips the encoders).
+            cancel: checked before the first forward pass and after every token (anything with ``is_set()``);
+                with ``on_token``, right after the callback, so that a callback setting it stops before the next
+                token is computed.
 
         Returns:
             The new token ids, ending at ``<|im_end|>`` when generation stopped there.
+
+        Raises:
+            Cancelled: ``cancel`` was set.
         """
+        raise_if_cancelled(cancel, "the generation")
         ids = torch.tensor([prompt_ids], device=self.vision.cls_token.device)
         embeds = self.embed(image, ids, visual)
-        streamer = _CallbackStreamer(self.tokenizer, on_token) if on_token and num_beams == 1 else None
+        streamer = _CallbackStreamer(self.tokenizer, on_token, cancel) if on_token and num_beams == 1 else None
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones_like(ids),
@@ -404,6 +414,7 @@ class MedVLSAM2Model(nn.Module):
             eos_token_id=self.tokens.im_end,
             pad_token_id=self.tokens.pad,
             streamer=streamer,
+            stopping_criteria=None if cancel is None else _cancel_criteria(cancel),
         )
         return out[0].tolist()
 
@@ -411,42 +422,67 @@ class MedVLSAM2Model(nn.Module):
     def segment_answer(
         self, image: torch.Tensor | None, sam_image: torch.Tensor, prompt_ids: list[int], answer_ids: list[int],
         targets: list[SegTarget] | None = None, visual: torch.Tensor | None = None, features: dict | None = None,
+        cancel: threading.Event | None = None,
     ) -> AnswerMasks | None:  # fmt: skip
         """Masks for the ``[SEG]`` tokens of a generated answer, or ``None`` when it has none.
 
         The ``[SEG]`` hidden states are read from a forward pass over prompt + answer at the positions
         where ``[SEG]`` is the input token — the rule used in training. ``targets`` carry point/box prompts
         (model coordinates) per ``[SEG]``; ``visual`` and ``features`` are the volume's cached encodings.
+        ``cancel`` is checked before that pass and before every slice (:class:`~MedVLSAM2Lib.errors.Cancelled`).
         """
         ids = torch.tensor([prompt_ids + answer_ids], device=self.vision.cls_token.device)
         positions = (ids[0] == self.tokens.seg).nonzero().flatten()
         positions = positions[positions >= len(prompt_ids)]  # [SEG] of earlier turns belong to earlier answers
         if len(positions) == 0:
             return None
+        raise_if_cancelled(cancel, "the segmentation")
         hidden = self.hidden_states(self.embed(image, ids, visual), torch.ones_like(ids))
         targets = targets or [SegTarget() for _ in positions]
         if len(targets) != len(positions):
             raise InputError(f"the answer has {len(positions)} [SEG] tokens but {len(targets)} prompt sets were given.")
-        logits, objects, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets, features)
+        logits, objects, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets, features, cancel)
         return AnswerMasks(torch.sigmoid(logits), torch.sigmoid(objects))
 
     @torch.inference_mode()
-    def segment_prompts(self, sam_image: torch.Tensor, target: SegTarget, features: dict | None = None) -> AnswerMasks:
+    def segment_prompts(self, sam_image: torch.Tensor, target: SegTarget, features: dict | None = None,
+                        cancel: threading.Event | None = None) -> AnswerMasks:  # fmt: skip
         """The mask of one object from its points or box alone (no language model, no ``[SEG]``): SAM2's
-        interactive mode, as trained by samples whose target has ``language`` off."""
+        interactive mode, as trained by samples whose target has ``language`` off. ``cancel`` is checked before
+        every slice."""
         target = replace(target, language=False)
-        logits, objects, _ = self._segment_objects(sam_image[0], None, [target], features)
+        logits, objects, _ = self._segment_objects(sam_image[0], None, [target], features, cancel)
         return AnswerMasks(torch.sigmoid(logits), torch.sigmoid(objects))
+
+
+def _cancel_criteria(cancel: threading.Event) -> list:
+    """A transformers stopping-criteria list that raises :class:`~MedVLSAM2Lib.errors.Cancelled` once ``cancel`` is
+    set: transformers calls it after every generated token, streamer or not, greedy or beam search."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class CancelCriterion(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            raise_if_cancelled(cancel, "the generation")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([CancelCriterion()])
 
 
 class _CallbackStreamer:
     """Minimal transformers streamer: decodes new tokens and passes the new text to a callback.
 
     A character whose UTF-8 bytes span several tokens decodes as U+FFFD until its last byte arrives, so trailing
-    U+FFFD is held back until then (or the end): the pieces then join to exactly the decoded answer."""
+    U+FFFD is held back until then (or the end): the pieces then join to exactly the decoded answer. ``cancel`` is
+    checked after every token: transformers hands a token to the streamer after its stopping criteria, so a callback
+    that sets it would otherwise see one more token computed."""
 
-    def __init__(self, tokenizer, callback: Callable[[str], None]) -> None:  # noqa: ANN001
-        self.tokenizer, self.callback = tokenizer, callback
+    def __init__(
+        self,
+        tokenizer,  # noqa: ANN001
+        callback: Callable[[str], None],
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.tokenizer, self.callback, self.cancel = tokenizer, callback, cancel
         self.ids: list[int] = []
         self.text = ""
         self.prompt_seen = False
@@ -457,6 +493,7 @@ class _CallbackStreamer:
             return
         self.ids.extend(value.flatten().tolist())
         self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd"))
+        raise_if_cancelled(self.cancel, "the generation")
 
     def end(self) -> None:
         self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=False))

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SegmenterConfig
+from ..errors import raise_if_cancelled
 
 __all__ = ["SlicePrompts", "VolumeSegmenter", "build_sam2", "prepare_slices"]
 
@@ -224,8 +226,9 @@ class VolumeSegmenter(nn.Module):
         return {"feats": feats, "pos": pos, "sizes": sizes, "num_slices": slices.shape[0]}
 
     def forward(
-        self, features: dict, language: torch.Tensor | None, prompts: dict[int, SlicePrompts] | None = None
-    ) -> SegmenterOutput:
+        self, features: dict, language: torch.Tensor | None, prompts: dict[int, SlicePrompts] | None = None, *,
+        cancel: threading.Event | None = None,
+    ) -> SegmenterOutput:  # fmt: skip
         """Segment ``B`` objects through all slices.
 
         Args:
@@ -233,9 +236,13 @@ class VolumeSegmenter(nn.Module):
             language: ``(B, d_model)`` projected ``[SEG]`` embeddings, one per object; ``None``: one object
                 prompted by ``prompts`` alone.
             prompts: slice index → point/box prompts on that slice (conditioning slices).
+            cancel: checked before every slice (anything with ``is_set()``).
 
         Returns:
             :class:`SegmenterOutput` with per-slice logits in slice order.
+
+        Raises:
+            Cancelled: ``cancel`` was set; the slices already run are dropped (nothing is kept between calls).
         """
         prompts = prompts or {}
         if language is None and not prompts:
@@ -245,7 +252,7 @@ class VolumeSegmenter(nn.Module):
         encoder.language_tokens = None if language is None else language[:, None, :]
         object_token = language is None and self.config.prompt_object_token
         try:
-            outputs = self._run(features, prompts, depth, batch, object_token)
+            outputs = self._run(features, prompts, depth, batch, object_token, cancel)
         finally:
             encoder.language_tokens = None
         masks = torch.stack([outputs[z]["pred_masks"][:, 0] for z in range(depth)], dim=1)
@@ -261,14 +268,16 @@ class VolumeSegmenter(nn.Module):
         return cond, forward + backward
 
     def _run(self, features: dict, prompts: dict[int, SlicePrompts], depth: int, batch: int,
-             object_token: bool = False) -> dict[int, dict]:  # fmt: skip
-        """``object_token``: after the conditioning slices, their mean object pointer is the tracked slices' token."""
+             object_token: bool = False, cancel: threading.Event | None = None) -> dict[int, dict]:  # fmt: skip
+        """``object_token``: after the conditioning slices, their mean object pointer is the tracked slices' token.
+        ``cancel`` is checked before each slice."""
         memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         outputs: dict[int, dict] = {}
         cond, order = self._order(prompts, depth)
         if not self.memory:  # every slice on its own, as if each were the first
             cond, order = list(range(depth)), []
         for z in cond:
+            raise_if_cancelled(cancel, f"the segmentation (after {len(outputs)} of {depth} slices)")
             outputs[z] = self._step(features, z, True, prompts.get(z), memory, batch, reverse=False)
             memory["cond_frame_outputs"][z] = outputs[z]
         if object_token:
@@ -279,6 +288,7 @@ class VolumeSegmenter(nn.Module):
             # each direction keeps its own tracked memories (as MedSAM2 resets between directions): the
             # backward sweep must not read slices beyond the conditioning slice as if they were behind it
             bank = backward if reverse else memory
+            raise_if_cancelled(cancel, f"the segmentation (after {len(outputs)} of {depth} slices)")
             outputs[z] = self._step(features, z, False, None, bank, batch, reverse=reverse)
             bank["non_cond_frame_outputs"][z] = outputs[z]
         return outputs

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import WeightsError
+from ..errors import WeightsError, raise_if_cancelled
 from .medvlsam2 import MedVLSAM2Model
 
 __all__ = ["BaseWeights", "build_model", "load_strict", "save_checkpoint", "load_checkpoint", "parameter_table"]
@@ -183,12 +184,16 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
-def _build(config: ModelConfig, base: dict) -> tuple[MedVLSAM2Model, dict[str, set[str]]]:
-    """The model, and per component loaded from ``base`` the keys its file provided (in the file's names)."""
+def _build(
+    config: ModelConfig, base: dict, cancel: threading.Event | None = None
+) -> tuple[MedVLSAM2Model, dict[str, set[str]]]:
+    """The model, and per component loaded from ``base`` the keys its file provided (in the file's names).
+    ``cancel`` is checked before each step (LM, model, ViT weights, SAM2 weights)."""
     config = ModelConfig.from_dict(config.to_dict())  # a copy: the caller's config is not modified
     tokenizer = language_model = None
     provided: dict[str, set[str]] = {}
     if base.get("language"):
+        raise_if_cancelled(cancel, "loading the model")
         language_model, tokenizer = load_language_model(base["language"])
         provided["language"] = set(language_model.state_dict())
         config.language.tie_word_embeddings = bool(language_model.config.tie_word_embeddings)  # the folder decides
@@ -197,12 +202,15 @@ def _build(config: ModelConfig, base: dict) -> tuple[MedVLSAM2Model, dict[str, s
 
             config.language.tokenizer = str(base["language"])
             tokenizer = build_tokenizer(config.language.tokenizer)
+    raise_if_cancelled(cancel, "loading the model")
     model = MedVLSAM2Model(config, tokenizer=tokenizer, language_model=language_model)
     if base.get("vision"):
+        raise_if_cancelled(cancel, "loading the model")
         state = _torch_load(Path(base["vision"]))
         load_strict(model.vision, state, str(base["vision"]))
         provided["vision"] = set(state)
     if base.get("sam2"):
+        raise_if_cancelled(cancel, "loading the model")
         checkpoint = _torch_load(Path(base["sam2"]))
         if not isinstance(checkpoint, dict) or "model" not in checkpoint:
             raise WeightsError(f"{base['sam2']}: expected a SAM2 checkpoint with a 'model' entry.")
@@ -279,13 +287,17 @@ def save_checkpoint(model: MedVLSAM2Model, folder: str | os.PathLike, base: dict
     return folder
 
 
-def load_checkpoint(folder: str | os.PathLike) -> MedVLSAM2Model:
+def load_checkpoint(folder: str | os.PathLike, *, cancel: threading.Event | None = None) -> MedVLSAM2Model:
     """Rebuild a model saved by :func:`save_checkpoint` (base files are read from their recorded paths), strictly:
     every key comes from ``model.safetensors`` unless it was not saved and a recorded base file holds it.
+
+    ``cancel`` (anything with ``is_set()``) is checked between the load steps: the language model, building the
+    model, the ViT weights, the SAM2 weights, our trained tensors.
 
     Raises:
         WeightsError: missing files, an unknown format, or tensors that do not fit the rebuilt model (naming the
             missing, unexpected and misshapen keys).
+        Cancelled: ``cancel`` was set; nothing is returned (the half-built model is dropped).
     """
     from safetensors.torch import load_file
 
@@ -306,7 +318,8 @@ def load_checkpoint(folder: str | os.PathLike) -> MedVLSAM2Model:
     if (folder / "tokenizer").is_dir():
         config.language.tokenizer = str(folder / "tokenizer")
     base = BaseWeights(meta.get("base_weights") or {})
-    model, provided = _build(config, base)
+    model, provided = _build(config, base, cancel)
+    raise_if_cancelled(cancel, "loading the model")
     saved = load_file(str(weights_path))
     own = model.state_dict()
     listed = set(meta.get("tensors", []))  # what was saved, the trained tensors among them: the base's are stale

@@ -9,7 +9,9 @@ Every array is C-ordered, little-endian, of a dtype in :data:`DTYPES`, and store
 ``raw``; ``nbytes`` is the length of its blob. :func:`unpack` checks everything before it allocates: the
 magic, the header size, each field, the declared bytes against the body, and it never decompresses past the
 size the shape declares (no zip bombs). No pickle anywhere. Masks travel cropped to their bounding box with
-its ``offset`` (k, j, i) and the ``full_shape`` of the volume. numpy only: the Slicer module imports this.
+its ``offset`` (k, j, i) and the ``full_shape`` of the volume; each mask's header entry also holds its ``label``,
+``score`` and (optional, since a reader ignores fields it does not know) ``presence``, one number per k slice, written
+as the exact double of each float32 so that it comes back bit for bit. numpy only: the Slicer module imports this.
 """
 
 from __future__ import annotations
@@ -229,16 +231,34 @@ def uncrop_mask(crop: np.ndarray, offset: Sequence[int], shape: Sequence[int]) -
 
 def segment_result_to_frame(result: SegmentResult) -> bytes:
     """A segmentation answer: question, answer, timings, whether the mask came from the prompts alone (with the
-    message saying so) and each object's cropped mask with label and score."""
+    message saying so) and each object's cropped mask with label, score and per-slice presence."""
     shape = list(result.objects[0].mask.shape) if result.objects else None
     arrays = []
     for obj in result.objects:
         crop, offset = crop_mask(obj.mask)
-        arrays.append((crop, {"label": obj.label, "score": obj.score, "offset": list(offset)}))
+        entry = {"label": obj.label, "score": obj.score, "offset": list(offset)}
+        if obj.presence is not None:
+            entry["presence"] = np.asarray(obj.presence, dtype=np.float32).tolist()  # exact doubles of the float32s
+        arrays.append((crop, entry))
     meta = {"question": result.question, "answer": result.answer, "timings": result.timings,
             "ijk_to_ras": result.ijk_to_ras.tolist(), "full_shape": shape, "from_prompts": result.from_prompts,
             "message": result.message}  # fmt: skip
     return pack(meta, arrays)
+
+
+def _presence(values: object, slices: int) -> np.ndarray | None:
+    """A mask entry's ``presence`` as float32 ``(slices,)``, or ``None`` when the entry has none.
+
+    Raises:
+        ProtocolError: not a list of ``slices`` numbers in [0, 1].
+    """
+    if values is None:
+        return None
+    numbers = isinstance(values, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    presence = np.asarray(values, dtype=np.float32) if numbers else None
+    if presence is None or presence.shape != (slices,) or not np.all((presence >= 0) & (presence <= 1)):
+        raise ProtocolError(f"a mask's presence must be a list of {slices} numbers in [0, 1] (one per k slice).")
+    return presence
 
 
 def segment_result_from_frame(data: bytes, shape_kji: Sequence[int], limits: Limits = Limits()) -> SegmentResult:
@@ -255,7 +275,8 @@ def segment_result_from_frame(data: bytes, shape_kji: Sequence[int], limits: Lim
         if crop.dtype != np.uint8:
             raise ProtocolError(f"a mask must be uint8, got {crop.dtype}.")
         mask = uncrop_mask(crop, entry.get("offset", ()), shape_kji)
-        objects.append(ObjectMask(str(entry.get("label")), mask, float(entry.get("score"))))
+        presence = _presence(entry.get("presence"), shape_kji[0])
+        objects.append(ObjectMask(str(entry.get("label")), mask, float(entry.get("score")), presence=presence))
     matrix = np.asarray(meta.get("ijk_to_ras"), dtype=np.float64)
     timings = dict(meta.get("timings") or {})
     from_prompts, message = meta.get("from_prompts", False), meta.get("message", "")

@@ -3,12 +3,12 @@
 
 In 3D Slicer (the module's own Logic, real MRML, no window)::
 
-    Slicer --no-main-window --python-script Testing/batch_evaluate.py \\
+    Slicer --no-main-window --python-script MedVLSAM2/Scripts/batch_evaluate.py \\
         --m3dseg M3D_Seg --datasets 0011 --structures liver,spleen --weights DIR --out batch/
 
 In plain Python with the ``slicer-core`` wheel (what CI runs)::
 
-    python Testing/batch_evaluate.py --folder CTs/ --structures liver --report --preset tiny --out batch/
+    python MedVLSAM2/Scripts/batch_evaluate.py --folder CTs/ --structures liver --report --preset tiny --out batch/
 
 Inputs: ``--m3dseg ROOT`` (M3D-Seg test split; Dice against its masks) or ``--folder DIR`` (CT files or DICOM
 folders). Backend: ``--weights DIR``, ``--preset NAME`` or ``--server URL``. Existing outputs are kept and their
@@ -25,10 +25,13 @@ import sys
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for folder in (REPO, REPO / "MedVLSAM2"):  # a source checkout: the library and the module's Qt-free logic
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+HERE = Path(__file__).resolve().parent
+# Installed with the extension, the library and the module's Qt-free logic sit one folder up (beside the module);
+# in a source checkout the library sits two folders up.
+for folder in (HERE.parents[1], HERE.parent):
+    if (folder / "MedVLSAM2Lib").is_dir() or (folder / "MedVLSAM2Core").is_dir():
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
 
 import numpy as np  # noqa: E402
 import slicer  # noqa: E402  (3D Slicer, or the slicer-core wheel)
