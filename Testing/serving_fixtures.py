@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -45,3 +48,26 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@contextlib.contextmanager
+def in_process_server(engine) -> Iterator[str]:  # noqa: ANN001
+    """The server app over ``engine`` on uvicorn in this process (a test can watch or break the engine); yields
+    its URL and stops it after."""
+    import uvicorn
+
+    from MedVLSAM2Lib.serving.server import ServerSettings, create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServerSettings(api_key=KEY)), host="127.0.0.1",
+                                          port=port, log_level="critical"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

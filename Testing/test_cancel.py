@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from serving_fixtures import KEY, free_port, start_server, stop_server
+from serving_fixtures import KEY, free_port, in_process_server, start_server, stop_server
 
 import MedVLSAM2Lib.engine as engine_module
 from MedVLSAM2Lib.demo import default_inputs
@@ -18,7 +18,6 @@ from MedVLSAM2Lib.engine import InferenceEngine
 from MedVLSAM2Lib.errors import Cancelled, MedVLSAM2Error
 from MedVLSAM2Lib.prompts import BoxPrompt
 from MedVLSAM2Lib.serving.client import POLL_S, RemoteHandle, ServerClient
-from MedVLSAM2Lib.serving.server import ServerSettings, create_app
 from MedVLSAM2Lib.volume import Volume, read_volume
 
 SEG = "It is [SEG]."
@@ -249,20 +248,9 @@ def test_a_remote_streamed_report_cancelled_by_its_callback_stops_at_once_and_th
 def app_server():  # noqa: ANN201
     """The server app with an engine of its own, on uvicorn in this process: a test can watch the server's engine
     work (count its SAM2 slices, its tokens) and cancel the client at an exact point of it."""
-    import uvicorn
-
     served = InferenceEngine.load("tiny")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(served, ServerSettings(api_key=KEY)), host="127.0.0.1",
-                                          port=port, log_level="critical"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", served
-    server.should_exit = True
-    thread.join(timeout=10)
+    with in_process_server(served) as url:
+        yield url, served
 
 
 @pytest.mark.server

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from serving_fixtures import CLI, KEY, free_port, start_server, stop_server
+from serving_fixtures import CLI, KEY, free_port, in_process_server, start_server, stop_server
 
 from MedVLSAM2Lib.demo import default_inputs
 from MedVLSAM2Lib.engine import InferenceEngine
@@ -28,7 +28,6 @@ from MedVLSAM2Lib.prompts import BoxPrompt, PointPrompt
 from MedVLSAM2Lib.segmentation import read_segmentation
 from MedVLSAM2Lib.serving.client import ServerClient
 from MedVLSAM2Lib.serving.protocol import MAGIC, pack, volume_to_frame
-from MedVLSAM2Lib.serving.server import ServerSettings, create_app
 from MedVLSAM2Lib.volume import Volume, read_volume
 
 pytestmark = [pytest.mark.realdata, pytest.mark.server]
@@ -337,8 +336,6 @@ def test_cli_with_server_gives_the_local_result(server, tmp_path):
 
 
 def test_an_unexpected_server_failure_is_named_as_one(volumes):
-    import uvicorn
-
     class BrokenEngine:
         def describe(self) -> dict:
             return {"preset": "broken"}
@@ -346,19 +343,8 @@ def test_an_unexpected_server_failure_is_named_as_one(volumes):
         def encode(self, volume, intensity="hu"):  # noqa: ANN001, ANN201
             raise RuntimeError("a bug deep inside")
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(BrokenEngine(), ServerSettings(api_key=KEY)), host="127.0.0.1",
-                                          port=port, log_level="critical"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        client = ServerClient(f"http://127.0.0.1:{port}", KEY)
+    with in_process_server(BrokenEngine()) as url:
+        client = ServerClient(url, KEY)
         with pytest.raises(ServerError, match=r"the server failed on this request; its log has the details") as err:
             client.encode(volumes["nifti"])
         assert "not a MedVLSAM2 server" not in str(err.value) and "a bug deep inside" not in str(err.value)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

@@ -238,7 +238,7 @@ class ServerClient:
         server sees the client go) and raise :class:`~MedVLSAM2Lib.errors.Cancelled`.
 
         Raises:
-            Cancelled: ``cancel`` was set before an outcome arrived.
+            Cancelled: ``cancel`` was set before the call returned (an outcome that arrives after it is dropped).
         """
         raise_if_cancelled(cancel, f"the request to {self.url}")
         abort, outcomes = _Abort(), queue.SimpleQueue()
@@ -260,6 +260,7 @@ class ServerClient:
                 except queue.Empty:
                     raise_if_cancelled(cancel, f"the request to {self.url}")
                     continue
+                raise_if_cancelled(cancel, f"the request to {self.url}")  # an outcome after Cancel is dropped
                 if kind == "item":
                     yield value
                     continue
