@@ -312,11 +312,15 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def enter(self):
+        if not hasattr(self, "runner"):  # a too old Slicer: the panel only says so
+            return
         self.initializeParameterNode()
         self.setShortcuts(True)
 
     def exit(self):
         self.setShortcuts(False)
+        if not hasattr(self, "runner"):
+            return
         for placeWidget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget, self.ui.roiPlaceWidget):
             placeWidget.setPlaceModeEnabled(False)
 
