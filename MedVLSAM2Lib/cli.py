@@ -263,6 +263,8 @@ def _segment(args: argparse.Namespace) -> int:
     points = []
     for text in args.point:
         values = _numbers(text, (3, 4), "--point", "i,j,k or i,j,k,label (label 1 positive, 0 negative)")
+        if len(values) == 4 and values[3] not in (0, 1):
+            raise InputError(f"--point {text!r}: the label must be 1 (positive) or 0 (negative), got {values[3]:g}.")
         points.append(PointPrompt(tuple(values[:3]), int(values[3]) if len(values) == 4 else 1))
     boxes = []
     for text in args.box:

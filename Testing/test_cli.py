@@ -175,6 +175,10 @@ def bad_inputs(tmp_path_factory):  # noqa: ANN201
         (["segment", "{ct}", "--point", "500,10,10", "--preset", "tiny"], "outside"),
         (["segment", "{ct}", "--box", "50,50,10,40,60,12", "--preset", "tiny"], "exceeds its max corner"),
         (["segment", "{ct}", "--point", "1,2", "--preset", "tiny"], "expected i,j,k"),
+        (
+            ["segment", "{ct}", "--point", "60,60,15,0.7", "--preset", "tiny"],
+            "label must be 1 (positive) or 0 (negative), got 0.7.",
+        ),
         (["ask", "{ct}", " ", "--preset", "tiny"], "question is empty"),
         (["report", "{bad}/slice.nii.gz", "--preset", "tiny"], "2D image"),
         (["report", "{bad}/zeros.nii.gz", "--preset", "tiny"], "Is this a CT"),

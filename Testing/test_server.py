@@ -279,6 +279,10 @@ def test_binding_beyond_loopback_without_a_key_is_refused_atstart_server():
                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "refusing to listen on 0.0.0.0 without an API key" in result.stderr
+    short = subprocess.run([*CLI, "serve", "--preset", "tiny", "--api-key", "short-key-12345", "--port",
+                            str(free_port())], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert short.returncode == 2 and "Traceback" not in short.stderr
+    assert "the API key has 15 characters; use at least 16" in short.stderr
 
 
 @pytest.mark.slow

@@ -54,6 +54,9 @@ ERRORS: dict[type, tuple[int, str]] = {
 }
 
 
+MIN_KEY_LENGTH = 16  # shorter keys can be guessed by trying
+
+
 @dataclass
 class ServerSettings:
     """How the server listens and what it accepts."""
@@ -72,6 +75,10 @@ class ServerSettings:
             raise InputError(f"refusing to listen on {self.host} without an API key: anyone on the network could "
                              "use the model and read uploaded scans. Pass --api-key (or set MEDVLSAM2_API_KEY), "
                              "or listen on 127.0.0.1.")  # fmt: skip
+        if self.api_key is not None and len(self.api_key) < MIN_KEY_LENGTH:
+            raise InputError(f"the API key has {len(self.api_key)} characters; use at least {MIN_KEY_LENGTH}, random, "
+                             "so it cannot be guessed: python3 -c \"import secrets; "
+                             "print(secrets.token_urlsafe(24))\".")  # fmt: skip
         for name in ("max_sessions", "idle_timeout_s", "max_upload_mb", "max_voxels"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}.")
