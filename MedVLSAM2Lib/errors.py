@@ -16,6 +16,7 @@ __all__ = [
     "CapacityError",
     "ProtocolError",
     "SessionExpiredError",
+    "TooLargeError",
     "ServerError",
     "Cancelled",
     "raise_if_cancelled",
@@ -44,6 +45,12 @@ class CapacityError(MedVLSAM2Error):
 
 class ProtocolError(MedVLSAM2Error):
     """A malformed request or response on the server/client wire format."""
+
+
+class TooLargeError(ProtocolError, InputError):
+    """A request, frame or file declares more than a configured limit allows (voxels, bytes, tokens, objects); it is
+    refused from what it declares, before the memory or the model time is spent. The message names the limit and
+    the flag or argument that sets it."""
 
 
 class SessionExpiredError(MedVLSAM2Error):
