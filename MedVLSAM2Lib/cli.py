@@ -3,6 +3,10 @@
 
 The only place (with the Slicer Widget) that turns library errors into messages and exit codes:
 a :class:`MedVLSAM2Error` prints one line and exits 2; anything else is a bug and keeps its traceback.
+Ctrl-C (SIGINT) exits 130 and SIGTERM (``timeout``, systemd, job schedulers) 143, both after the same cleanup: the
+exception unwinds, so no ``.partial-PID`` file of an output is left (``serve`` keeps uvicorn's SIGTERM handling: it
+drains, then dies of the signal). Arguments and outputs are checked, and the CT read and checked, before the model
+loads; model text printed for a terminal has its control characters shown as ``\\x1b`` and the like.
 """
 
 from __future__ import annotations
@@ -11,14 +15,21 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import platform
+import signal
 import sys
+import tempfile
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 from .errors import InputError, MedVLSAM2Error
 from .machine import unsupported_capability
+from .serving.settings import ServerSettings
+from .volume import INTENSITIES
 
 __all__ = ["main"]
 
@@ -49,6 +60,21 @@ DOCTOR_IMPORTS = (
     ("Qwen2 causal LM", "transformers", "Qwen2ForCausalLM"),
     ("LoRA (peft)", "peft", "LoraConfig"),
 )
+KINDS = ("short", "long", "choice")  # engine.ANSWER_TOKENS' keys (the engine imports torch; a test keeps them equal)
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 128 + signal.SIGTERM
+# C0 and C1 control characters but tab and newline: model text must not move the cursor, clear the screen, ring the
+# bell or start an escape sequence on the user's terminal.
+CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (``finally`` blocks remove partial files)."""
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters (ESC, CR, BEL, C1 …; not tab or newline) shown as ``\\x1b`` and the
+    like."""
+    return text.translate(CONTROLS)
 
 
 def _version(module: str, distribution: str) -> str:
@@ -130,6 +156,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .progress import StepProgress
 
     progress: StepProgress | None = None
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output}: is a file, not a folder.")
+    _check_folder(output.parent, "--output")  # the demo writes beside the folder, then renames
 
     def on_step(step: int, total: int, metrics: dict) -> None:
         nonlocal progress
@@ -156,16 +186,16 @@ def _demo(args: argparse.Namespace) -> int:
     trained = f" (fine-tuned in {result.training_seconds:.0f} s)" if not args.weights else ""
     print(f"model       {result.model}{trained}")
     print(f"machine     {describe_cpu()}")
-    print(f"report      {result.report}")
+    print(f"report      {_printable(result.report)}")
     for turn in result.chat:
-        print(f"ask         {turn['question']}\n            -> {turn['answer']}")
+        print(f"ask         {turn['question']}\n            -> {_printable(turn['answer'])}")
     needed = DICE_NEEDED if not args.weights else {}
     print(f"{'task':<12}{'target':<12}{'Dice':>7}{'needs':>7}{'grid':>7}  answer")
     for task in result.tasks:
         need = f"{needed[task.task]:.2f}" if task.task in needed else "-"
         print(
             f"{task.task:<12}{task.target:<12}{task.dice:>7.3f}{need:>7}{result.grid_dice[task.target]:>7.3f}  "
-            f"{task.answer or '(prompts alone, no question asked)'}"
+            f"{_printable(task.answer) or '(prompts alone, no question asked)'}"
         )
     print("wrote       " + "\n            ".join(str(p) for p in result.files))
     return 0
@@ -178,37 +208,45 @@ def _bar(total: int | None, desc: str, unit: str):  # noqa: ANN202
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, leave=False)
 
 
-def _open(args: argparse.Namespace):  # noqa: ANN202
-    """Load the engine and encode the CT named on the command line: ``(engine, handle)``."""
+def _open(args: argparse.Namespace, points: Sequence = (), boxes: Sequence = ()):  # noqa: ANN202
+    """Read and check the CT named on the command line (and that ``points`` and ``boxes`` lie inside it), then load the
+    engine and encode the CT: ``(engine, handle)``. A bad CT or prompt fails before the model loads (with
+    ``--server``, the server checks the CT's values on upload)."""
+    from .prompts import check_prompts_inside
     from .volume import read_volume
 
     if sum(map(bool, (args.weights, args.preset, args.server))) != 1:
         raise InputError("give one of --weights DIR (a trained checkpoint), --preset NAME (random weights) or "
                          "--server URL (a running `medvlsam2 serve`).")  # fmt: skip
     with _bar(3, "load", "step") as bar:
+        volume = read_volume(args.ct, series_uid=args.series)
+        check_prompts_inside(volume.shape_ijk, points, boxes)
         if args.server:
             from .serving.client import ServerClient
 
-            engine = ServerClient(args.server, args.api_key)
+            engine = ServerClient(args.server, args.api_key)  # requests and numpy only: no torch to import
+            bar.update()
         else:
-            from .engine import InferenceEngine
+            from .engine import InferenceEngine, check_ct
 
+            check_ct(volume, args.intensity)
+            bar.update()
             engine = InferenceEngine.load(args.weights or args.preset, device=args.device, dtype=args.dtype)
         bar.update()
-        volume = read_volume(args.ct)
-        bar.update()
-        handle = engine.encode(volume)
+        handle = engine.encode(volume, args.intensity)
         bar.update()
     return engine, handle
 
 
 def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
-    print(json.dumps(data) if args.json else text, flush=True)
+    """Print ``data`` as one JSON line with ``--json`` (control characters escaped), else ``text`` (shown, not
+    obeyed)."""
+    print(json.dumps(data) if args.json else _printable(text), flush=True)
 
 
 def _report(args: argparse.Namespace) -> int:
     engine, handle = _open(args)
-    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    stream = None if args.json else (lambda piece: print(_printable(piece), end="", flush=True))
     report = engine.report(handle, on_token=stream)
     data = {"text": report.text, "findings": report.findings, "impression": report.impression,
             "seconds": round(report.seconds, 3)}  # fmt: skip
@@ -276,8 +314,8 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError("nothing to segment: give --text, --point or --box.")
     output = Path(args.output) if args.output else None
     if output is not None:
-        _check_output(output, args.overwrite, args.ct)
-    engine, handle = _open(args)
+        _check_output(output, args.overwrite, args.ct, args.series)
+    engine, handle = _open(args, points, boxes)
     result = engine.segment(handle, text=args.text, points=points, boxes=boxes, answer=args.answer)
     data = {"question": result.question, "answer": result.answer, "output": str(output) if output else None,
             "objects": [{"label": o.label, "voxels": int(o.mask.sum()), "score": round(o.score, 4), "value": n + 1,
@@ -289,7 +327,10 @@ def _segment(args: argparse.Namespace) -> int:
         _emit(args, data, f"answer      {result.answer}")
         raise InputError(f"{result.no_mask_reason()} Nothing written.")
     if output is not None:
-        _write_masks(handle.volume, result.objects, output)
+        try:
+            _write_masks(handle.volume, result.objects, output)
+        except OSError as err:  # checked before the model ran, but a disk fills and permissions change meanwhile
+            raise InputError(f"{output}: cannot write ({err.strerror or err}); nothing written.") from err
     lines = [f"answer      {result.answer}" if result.question else "prompts     alone (no question asked)"]
     lines += [f"note        {result.message}"] if result.message else []
     lines += [f"mask        {o.label}: {int(o.mask.sum())} voxels, score {o.score:.3f}" for o in result.objects]
@@ -297,12 +338,34 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(output: Path, overwrite: bool, ct: str) -> None:
-    """Refuse a bad ``-o`` before the model loads; a DICOM SEG also needs source images it can reference."""
+def _check_folder(folder: Path, flag: str) -> None:
+    """Refuse, before any model work, an output folder that cannot be made or written: a file in its place or on its
+    path, or a nearest existing folder in which no file can be created (tried with a probe file: ``os.access`` is
+    wrong for root, ACLs and read-only mounts)."""
+    existing = folder
+    try:
+        while not existing.exists():  # what is missing is created when writing; the nearest existing folder decides
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == folder else f"is below the file {existing}"
+            raise InputError(f"{flag} {folder}: {where}, not a folder.")
+        handle, probe = tempfile.mkstemp(prefix=".medvlsam2-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{flag} {folder}: cannot write in {existing} ({err.strerror or err}).") from err
+
+
+def _check_output(output: Path, overwrite: bool, ct: str, series_uid: str | None) -> None:
+    """Refuse a bad ``-o`` before the model loads: an unknown suffix, a folder, an existing file without
+    ``--overwrite``, a place that cannot be written; a DICOM SEG also needs source images it can reference."""
     name = output.name.lower()
     if not name.endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")):
         raise InputError(f"{output}: write .seg.nrrd (Slicer segmentation), .dcm (DICOM SEG), .nii.gz, .nii, .nrrd "
                          "or .mha.")  # fmt: skip
+    _check_folder(output.parent, "-o")
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; -o takes a file name (--overwrite replaces files, never folders).")
     if output.exists() and not overwrite:
         raise InputError(f"{output}: exists; choose another -o or pass --overwrite.")
     if name.endswith(".dcm"):
@@ -310,7 +373,7 @@ def _check_output(output: Path, overwrite: bool, ct: str) -> None:
             raise InputError(f"DICOM SEG output needs a DICOM series input (it references the source images); got {ct}")
         from .dicom_seg import read_sources, source_files
 
-        read_sources(source_files(ct))  # headers only: UIDs and geometry a SEG must reference
+        read_sources(source_files(ct, series_uid))  # headers only: UIDs and geometry a SEG must reference
 
 
 def _write_masks(volume, objects, output: Path) -> None:  # noqa: ANN001
@@ -350,6 +413,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from .data.cache import prepare
     from .preprocess import GridConfig
 
+    _check_folder(Path(args.destination), "destination")
     config = preset(args.preset)
     if args.dataset == "m3dseg":
         items = m3dseg.cache_items(m3dseg.M3DSegDataset(args.source, args.code), args.split)
@@ -378,6 +442,7 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = {"preset": args.preset, "max_steps": args.max_steps, "output_dir": args.output_dir}
     config = load_train_config(args.config, overrides)
+    _check_folder(Path(config.output_dir), "--output-dir" if args.output_dir else f"{args.config}: output_dir")
     bar = None
 
     def progress(step: int, total: int, metrics: dict) -> None:
@@ -405,6 +470,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if bool(args.weights) == bool(args.preset):
         raise InputError("give either --weights DIR (a trained checkpoint) or --preset NAME (random weights).")
+    _check_folder(Path(args.out), "--out")
     settings = EvaluationSettings(split=args.split, split_file=args.split_file, limit=args.limit, seed=args.seed,
                                   terms=args.terms,
                                   structures=_csv(args.structures), forced_answer=args.forced_answer,
@@ -435,17 +501,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# serve's limit flags: the ServerSettings field each sets, and what it bounds (README: server limits)
+SERVER_LIMITS = {
+    "--max-sessions": ("max_sessions", "volumes held at once; the least recently used makes room"),
+    "--idle-timeout": ("idle_timeout_s", "seconds before an idle session ends"),
+    "--max-upload-mb": ("max_upload_mb", "largest upload body in MB (413 past it)"),
+    "--max-voxels": ("max_voxels", "most voxels an uploaded volume may declare (413, checked before decoding)"),
+    "--max-json-kb": ("max_json_kb", "largest JSON body of every other route in KB (413)"),
+    "--max-uploads": ("max_uploads", "uploads in progress at once; others wait up to --request-timeout (then 503)"),
+    "--body-timeout": ("body_timeout_s", "seconds of silence allowed while a body streams in (408)"),
+    "--request-timeout": ("request_timeout_s", "seconds one request's model work may take, queue included (504)"),
+    "--max-prompt-tokens": ("max_prompt_tokens", "tokens of one prompt: history, question and image tokens (413)"),
+    "--cache-gb": ("cache_gb", "GiB of volume encodings the engine keeps"),
+    "--shutdown-grace": ("shutdown_grace_s", "seconds running work gets after SIGTERM/SIGINT, then 503"),
+}
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
     from .serving.client import API_KEY_ENV
-    from .serving.server import ServerSettings, serve
+    from .serving.server import serve
 
     if bool(args.weights) == bool(args.preset):
         raise InputError("give either --weights DIR (a trained checkpoint) or --preset NAME (random weights).")
+    limits = {field: getattr(args, field) for field, _ in SERVER_LIMITS.values()}
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
-                              max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout,
-                              max_upload_mb=args.max_upload_mb)  # fmt: skip
+                              **limits)  # fmt: skip
     settings.check()
     serve(args.weights or args.preset, settings, device=args.device, dtype=args.dtype)
     return 0
@@ -475,10 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("ct", help="CT volume: NIfTI, NRRD, MHA or a DICOM series folder")
+        sub.add_argument("--series", help="SeriesInstanceUID to read when the DICOM folder holds several series")
+        sub.add_argument("--intensity", default="hu", choices=INTENSITIES,
+                         help="voxel values: hu (Hounsfield units, default) or normalized (already normalised data "
+                         "such as M3D-Seg's z-scores)")  # fmt: skip
         if name == "ask":
             sub.add_argument("question")
         if name in ("ask", "chat"):
-            sub.add_argument("--kind", default="short", help="answer style: short, long or choice")
+            sub.add_argument("--kind", default="short", choices=KINDS, help="answer style (default short)")
         if name == "segment":
             sub.add_argument("--text", help='structure name ("liver") or a description')
             sub.add_argument("--point", action="append", default=[], help="i,j,k[,label] in the CT's voxels")
@@ -553,9 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback needs a key)")
     server.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     server.add_argument("--api-key", help="require this bearer key (default: $MEDVLSAM2_API_KEY; prefer the variable)")
-    server.add_argument("--max-sessions", type=int, default=8, help="volumes held at once (default 8)")
-    server.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an idle session ends")
-    server.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest accepted upload (default 1024)")
+    for flag, (field, meaning) in SERVER_LIMITS.items():
+        default = getattr(ServerSettings, field)
+        server.add_argument(flag, dest=field, type=type(default), default=default, help=f"{meaning} ({default=})")
     server.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
     server.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (GPU)")
     server.set_defaults(run=_serve)
@@ -567,9 +653,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_handler(pid: int) -> Callable[[int, FrameType | None], None]:
+    """A SIGTERM handler that raises :class:`Terminated` in process ``pid``; a second SIGTERM, or one in a forked
+    child that inherited the handler (a DataLoader worker), kills at once, as by default."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpid() != pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise Terminated
+
+    return handle
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``medvlsam2`` console script."""
+    """Entry point of the ``medvlsam2`` console script; returns the exit code: 0, 1 (``doctor`` found a failure), 2
+    (a usage or library error, one line on stderr), 130 (Ctrl-C) or 143 (SIGTERM; not for ``serve``, which drains and
+    then dies of the signal)."""
     args = build_parser().parse_args(argv)
+    if args.command == "serve" or threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     if not (args.verbose or args.debug):  # library deprecation notices are for developers, not for CLI users
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\.")
     logging.basicConfig(
@@ -578,24 +689,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     unsupported = unsupported_capability()
     if unsupported:
         print(f"medvlsam2 {args.command}: error: {unsupported}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     if args.command == "demo" and bool(args.volume) != bool(args.segmentation):
         print("medvlsam2 demo: give --volume and --segmentation together", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     if args.command == "prepare" and not (args.code if args.dataset == "m3dseg" else args.reports):
         print(f"medvlsam2 prepare: {args.dataset} needs {'--code' if args.dataset == 'm3dseg' else '--reports'}",
               file=sys.stderr)  # fmt: skip
-        return 2
+        return EXIT_ERROR
     try:
         return args.run(args)
     except MedVLSAM2Error as err:
         if args.debug:
             raise
-        print(f"medvlsam2 {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"medvlsam2 {args.command}: error: {_printable(str(err))}", file=sys.stderr)
+        return EXIT_ERROR
+    except Terminated:
+        print(f"medvlsam2 {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"medvlsam2 {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

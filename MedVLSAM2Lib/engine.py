@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, preset
-from .errors import CapacityError, InputError, WeightsError, raise_if_cancelled
+from .errors import CapacityError, InputError, TooLargeError, WeightsError, raise_if_cancelled
 from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import AnswerMasks, MedVLSAM2Model, SegTarget
 from .preprocess import GridConfig, GridRecord, probabilities_from_model, sam_input, to_model
@@ -66,6 +66,11 @@ ANSWER_TOKENS = {"short": 48, "long": 384, "choice": 24}
 REPORT_TOKENS = 512
 PRESET_SEED = 0
 SEGMENT_TOKENS = 48
+# Prompt tokens (system, history, question and the image tokens) one generation accepts: a chat far longer than any
+# report conversation, and a bound on the model time a single request can take (the LLM's context is 32k).
+DEFAULT_MAX_PROMPT_TOKENS = 8192
+# Masks one answer may ask for: each [SEG] runs SAM2 over every slice of the volume.
+MAX_SEG_OBJECTS = 16
 # A CT in Hounsfield units spans air (about -1000) to bone (hundreds); these bounds reject images that are not.
 CT_MIN_RANGE_HU = 200.0
 
@@ -124,7 +129,9 @@ def check_ct(volume: Volume, intensity: str = "hu") -> None:
 def _volume_key(volume: Volume, intensity: str) -> str:
     digest = hashlib.sha256(intensity.encode())
     digest.update(str((volume.array.dtype.str, volume.array.shape)).encode())
-    digest.update(np.ascontiguousarray(volume.array).tobytes())
+    array = volume.array  # hashed in place; a non-contiguous one slice by slice: the same bytes, so the same key
+    for part in [array] if array.flags.c_contiguous else array:
+        digest.update(np.ascontiguousarray(part))
     digest.update(np.ascontiguousarray(volume.ijk_to_ras).tobytes())
     return digest.hexdigest()
 
@@ -253,12 +260,16 @@ class InferenceEngine:
     """Runs a :class:`MedVLSAM2Model` on volumes; see the module docstring."""
 
     def __init__(self, model: MedVLSAM2Model, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float32", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:  # fmt: skip
+                 dtype: str | torch.dtype = "float32", cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:  # fmt: skip
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         if cache_bytes < 0:
             raise InputError(f"cache_bytes must be >= 0, got {cache_bytes}.")
+        if max_prompt_tokens < 1:
+            raise InputError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}.")
         self.cache_bytes = cache_bytes
+        self.max_prompt_tokens = max_prompt_tokens
         model.eval().to(self.device)
         for part in (model.vision, model.projector, model.llm, model.seg_projector):
             part.to(self.dtype)  # SAM2 stays float32 (its position encodings are float32); autocast on GPU
@@ -268,7 +279,8 @@ class InferenceEngine:
     @classmethod
     def load(
         cls, source: str | Path = "tiny", device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-        cache_bytes: int = DEFAULT_CACHE_BYTES, *, cancel: threading.Event | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES, *, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+        cancel: threading.Event | None = None,
     ) -> InferenceEngine:  # fmt: skip
         """An engine over a preset (random weights) or a checkpoint folder. ``cancel`` is checked before any work,
         between the load steps (language model, model, ViT, SAM2 and trained weights) and before the move to
@@ -282,13 +294,18 @@ class InferenceEngine:
         _resolve_dtype(dtype, device)
         model = load_model(source, cancel=cancel)
         raise_if_cancelled(cancel, "loading the model")
-        return cls(model, device, dtype, cache_bytes)
+        return cls(model, device, dtype, cache_bytes, max_prompt_tokens)
 
     # ------------------------------------------------------------------ cache
 
     @property
     def cached_bytes(self) -> int:
         return sum(entry.nbytes for entry in self._cache.values())
+
+    def forget(self, key: str) -> bool:
+        """Drop the cached encodings (model grid, visual tokens, SAM2 features) of the volume ``key``; returns
+        whether there were any. A handle of it stays usable: its next use encodes again."""
+        return self._cache.pop(key, None) is not None
 
     def _evict(self) -> None:
         while len(self._cache) > 1 and self.cached_bytes > self.cache_bytes:
@@ -384,6 +401,11 @@ class InferenceEngine:
                   on_token: Callable[[str], None] | None,
                   cancel: threading.Event | None = None) -> tuple[list[int], list[int]]:  # fmt: skip
         prompt = self.model.prompt_ids(question, tuple(tuple(turn) for turn in history))
+        if len(prompt) > self.max_prompt_tokens:
+            raise TooLargeError(f"the prompt has {len(prompt)} tokens (question, {len(history)} earlier turns and "
+                                f"{self.model.config.projector.out_tokens} image tokens); at most "
+                                f"{self.max_prompt_tokens} are accepted (max_prompt_tokens, the server's "
+                                "--max-prompt-tokens). Shorten the history.")  # fmt: skip
         with self._capacity("generating text"), self._autocast():
             answer = self.model.generate(None, prompt, max_new_tokens=max_new_tokens, on_token=on_token,
                                          visual=entry.visual, cancel=cancel)  # fmt: skip
@@ -459,6 +481,9 @@ class InferenceEngine:
             raise InputError(f"a given answer must contain {SEG_TOKEN}, got {answer!r}.")
         if answer is not None and text is None:
             raise InputError("a given answer needs a text: points or a box alone ask no question.")
+        if answer is not None and answer.count(SEG_TOKEN) > MAX_SEG_OBJECTS:
+            raise TooLargeError(f"the given answer has {answer.count(SEG_TOKEN)} {SEG_TOKEN} tokens; one answer "
+                                f"segments at most {MAX_SEG_OBJECTS} objects.")  # fmt: skip
         question = segmentation_question(text) if text is not None else ""
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -500,6 +525,11 @@ class InferenceEngine:
         count = answer_ids.count(self.model.tokens.seg)
         if not count:
             return []
+        if count > MAX_SEG_OBJECTS:  # a generated answer: the masks of its first MAX_SEG_OBJECTS [SEG] only
+            logger.warning("the answer has %d %s tokens; masks for the first %d only", count, SEG_TOKEN,
+                           MAX_SEG_OBJECTS)  # fmt: skip
+            seg_positions = [n for n, token in enumerate(answer_ids) if token == self.model.tokens.seg]
+            answer_ids, count = answer_ids[: seg_positions[MAX_SEG_OBJECTS - 1] + 1], MAX_SEG_OBJECTS
         features = self._timed_features(handle, entry, timings, cancel)
         targets = [prompted] + [SegTarget()] * (count - 1)
         mark = time.perf_counter()
@@ -550,4 +580,5 @@ class InferenceEngine:
         config = self.model.config
         return {"preset": config.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "grid": list(config.vision.img_size), "cached_volumes": len(self._cache),
-                "cached_bytes": self.cached_bytes}  # fmt: skip
+                "cached_bytes": self.cached_bytes, "cache_limit_bytes": self.cache_bytes,
+                "max_prompt_tokens": self.max_prompt_tokens}  # fmt: skip

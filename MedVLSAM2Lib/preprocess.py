@@ -13,7 +13,9 @@ The forward transform, in order (each step recorded in a JSON-serialisable :clas
 4. **Resize** to ``spatial_size``: image trilinear, masks nearest (or area-averaged occupancy with
    ``soft=True``), all with ``align_corners=False`` voxel-centre geometry (what MONAI's ``Resize``
    does through ``torch.nn.functional.interpolate``;
-   a test checks equality with MONAI).
+   a test checks equality with MONAI). The image is resized separably, which trilinear interpolation is: bilinear
+   in-plane on the slices that the interpolation along ``k`` samples, then linear along ``k``; with the range and
+   the crop found on the stored values, no step holds a float copy of the whole volume.
 
 SAM2 sees another image on the same grid: :func:`sam_input`, the one definition used by training caches, the
 engine (and so the CLI, server, Slicer and evaluation): the HU window of the segmenter config, for HU volumes
@@ -71,6 +73,9 @@ NARROW_FLOOR_MAX_HU = -280.0
 # The version of SAM2's input definition (sam_input, hu_from_normalized and the constants above): bump it whenever
 # any of them changes, so caches made under another definition are refused (data/cache.py).
 SAM_INPUT_VERSION = 2
+# Voxels of the source volume read at a time (16 MiB as float32): the forward transform never makes a float copy of
+# the whole volume, only of one slab or slice at a time and of the slices the resize actually samples.
+SLAB_VOXELS = 1 << 22
 
 
 @dataclass
@@ -183,11 +188,11 @@ class GridRecord:
 
 
 def _canonical(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A view (no copy) of ``array_kji`` in canonical orientation, and the orientation transform."""
     import nibabel.orientations as nio
 
     ornt = orientation_transform(ijk_to_ras, CANONICAL_AXCODES)
-    canonical = nio.apply_orientation(array_kji.transpose(2, 1, 0), ornt).transpose(2, 1, 0)
-    return np.ascontiguousarray(canonical), ornt
+    return nio.apply_orientation(array_kji.transpose(2, 1, 0), ornt).transpose(2, 1, 0), ornt
 
 
 def _resize(array: np.ndarray, size: tuple[int, int, int], mode: str) -> np.ndarray:
@@ -203,8 +208,82 @@ def _resize(array: np.ndarray, size: tuple[int, int, int], mode: str) -> np.ndar
         return F.interpolate(tensor, size=size, mode=mode, **kwargs)[0, 0].numpy()
 
 
+def _exact_in_float32(dtype: np.dtype) -> bool:
+    """Whether every value of ``dtype`` is a float32 exactly (so comparisons give the same on either)."""
+    return dtype == np.bool_ or (dtype.kind in "iuf" and dtype.itemsize <= 2) or dtype == np.float32
+
+
+def _float32(slab: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+    """A float32 copy of ``slab``, mapped by ``transform`` (which works in place on float32) when given."""
+    values = slab.astype(np.float32)
+    return values if transform is None else transform(values)
+
+
+def _foreground_box(
+    canonical: np.ndarray, low: float, transform: Callable[[np.ndarray], np.ndarray] | None
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The bounding box ``(start, stop)`` of the voxels whose float32 value (after ``transform``) lies above the
+    float32 ``low``, found slab by slab: one slab's mask at a time, never one of the whole volume. Stored values
+    that float32 holds exactly are compared as they are, without a float copy."""
+    depth, rows, columns = canonical.shape
+    native = transform is None and _exact_in_float32(canonical.dtype)
+    threshold = canonical.dtype.type(low) if native else np.float32(low)
+    step = max(1, SLAB_VOXELS // (rows * columns))
+    slices, plane = np.zeros(depth, bool), np.zeros((rows, columns), bool)
+    mask = np.empty((min(step, depth), rows, columns), bool)  # one slab's, reused
+    for k in range(0, depth, step):
+        slab = canonical[k : k + step]
+        above = np.greater(slab if native else _float32(slab, transform), threshold, out=mask[: len(slab)])
+        slices[k : k + step] = above.any(axis=(1, 2))
+        plane |= above.any(axis=0)
+    box = [np.flatnonzero(slices), np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))]
+    return tuple(int(a[0]) for a in box), tuple(int(a[-1]) + 1 for a in box)
+
+
+def _linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(index0, index1, weight0, weight1)`` of 1D linear resampling with ``align_corners=False``:
+    ``out[o] = weight0[o]·x[index0[o]] + weight1[o]·x[index1[o]]``, with torch's CPU weights bit for bit (a float32
+    scale, the source index rounded once to float32, clamped at 0)."""
+    scale = np.float64(np.float32(size_in / size_out))
+    source = np.maximum((scale * (np.arange(size_out) + 0.5) - 0.5).astype(np.float32), 0)
+    index0 = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+    index1 = index0 + (index0 < size_in - 1)
+    weight1 = np.clip(source - index0, 0, 1).astype(np.float32)
+    return index0, index1, np.float32(1) - weight1, weight1
+
+
+def _resize_slices(
+    crop: np.ndarray, size: tuple[int, int, int], prepare: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Trilinear resize (``align_corners=False``) of ``crop`` to ``size``, as a tensor product: bilinear in-plane
+    of the (at most ``2 × size[0]``) slices that linear interpolation along the first axis samples, each turned to
+    float32 by ``prepare`` on its own, then linear along the first axis. Equals :func:`_resize` up to float32
+    rounding, without a float copy of the crop."""
+    import torch
+    import torch.nn.functional as F
+
+    index0, index1, weight0, weight1 = _linear_taps(crop.shape[0], size[0])
+    needed = np.unique(np.concatenate([index0, index1]))
+    planes = np.empty((len(needed), size[1], size[2]), np.float32)
+    for n, k in enumerate(needed):
+        plane = prepare(crop[k])
+        if plane.shape != tuple(size[1:]):
+            with torch.no_grad():
+                plane = F.interpolate(torch.from_numpy(plane)[None, None], size=size[1:], mode="bilinear",
+                                      align_corners=False)[0, 0].numpy()  # fmt: skip
+        planes[n] = plane
+    first, second = np.searchsorted(needed, index0), np.searchsorted(needed, index1)
+    image = np.empty(size, np.float32)
+    for o in range(size[0]):
+        image[o] = weight0[o] * planes[first[o]] + weight1[o] * planes[second[o]]
+    return image
+
+
 def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarray, GridRecord]:
     """Map a CT volume to the model grid.
+
+    Memory: besides the result, one slab (:data:`SLAB_VOXELS`) and the resampled slices; never a copy of the
+    volume (the canonical orientation is a view, the range and crop are found on the stored values).
 
     Args:
         volume: the source volume; intensities as read (HU for CT). CT-RATE v2 ``*_fixed`` volumes
@@ -218,28 +297,37 @@ def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarr
     Raises:
         InputError: the volume is constant (nothing to normalise or crop to).
     """
-    config = config or GridConfig()
+    return _to_model(volume, config or GridConfig())
+
+
+def _to_model(
+    volume: Volume, config: GridConfig, transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> tuple[np.ndarray, GridRecord]:
+    """:func:`to_model` of the volume's values mapped by ``transform`` (non-decreasing, in place on float32; applied
+    one slab at a time, so the mapped volume is never held whole)."""
     where = volume.metadata.get("source_path", "volume")
     canonical, ornt = _canonical(volume.array, volume.ijk_to_ras)
-    values = canonical.astype(np.float32)
-    if not np.all(np.isfinite(values)):
+    extremes = np.array([volume.array.min(), volume.array.max()])  # NaN when any voxel is NaN
+    low, high = _float32(extremes, transform).tolist()  # min and max commute with non-decreasing maps
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise InputError(f"{where}: the volume holds NaN or infinite values; fix or mask them before segmenting.")
-    low, high = float(values.min()), float(values.max())
     if not high > low:
         raise InputError(f"{where}: the volume is constant ({low}); there is no image content to segment.")
     if config.crop_foreground:
-        foreground = np.nonzero(values > low)
-        start = tuple(int(a.min()) for a in foreground)
-        stop = tuple(int(a.max()) + 1 for a in foreground)
+        start, stop = _foreground_box(canonical, low, transform)
     else:
         start, stop = (0, 0, 0), tuple(canonical.shape)
     if config.intensity == "window":
         low, high = config.window
-    crop = values[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
-    image = (
-        np.clip((crop - low) / (high - low), 0.0, 1.0) if config.intensity == "window" else (crop - low) / (high - low)
-    )
-    image = _resize(image, config.spatial_size, "trilinear")
+
+    def prepare(slab: np.ndarray) -> np.ndarray:
+        values = _float32(slab, transform)
+        values -= low
+        values /= high - low
+        return np.clip(values, 0.0, 1.0, out=values) if config.intensity == "window" else values
+
+    crop = canonical[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
+    image = _resize_slices(crop, config.spatial_size, prepare)
     record = GridRecord(
         original_shape=tuple(volume.array.shape),
         ijk_to_ras=volume.ijk_to_ras.tolist(),
@@ -252,7 +340,7 @@ def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarr
         config=json.loads(json.dumps(asdict(config))),
     )
     logger.debug("model grid: crop %s..%s of canonical %s", start, stop, canonical.shape)
-    return image.astype(np.float32, copy=False), record
+    return image, record
 
 
 def _histogram_peaks(values: np.ndarray) -> list[tuple[float, float]]:
@@ -301,9 +389,20 @@ def hu_from_normalized(array: np.ndarray, where: str = "volume") -> np.ndarray:
         IntensityScaleError: fewer than two separate histogram peaks (no fat and soft tissue to calibrate on), or
             an implausible estimate (see the two checks above).
     """
-    values = np.asarray(array, dtype=np.float32)
-    floor = float(values.min())
-    sample = values[tuple(slice(None, None, 2) for _ in range(values.ndim))]
+    hu = np.array(array, dtype=np.float32)  # one full-volume copy, mapped in place
+    return _hu_map(hu, where)(hu)
+
+
+def _hu_map(array: np.ndarray, where: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The estimate of :func:`hu_from_normalized`: a map of float32 stored values to HU, in place (same float32
+    operations whether applied to the whole volume or one slab at a time). Reads every second voxel per axis only.
+
+    Raises:
+        IntensityScaleError: see :func:`hu_from_normalized`.
+    """
+    array = np.asarray(array)
+    floor = float(np.float32(array.min()))
+    sample = np.asarray(array[tuple(slice(None, None, 2) for _ in range(array.ndim))], dtype=np.float32)
     body = sample[sample > floor]
     peaks = _histogram_peaks(body) if body.size else []
     separation = PEAK_SEPARATION * float(body.std(dtype=np.float64)) if body.size else 0.0
@@ -328,10 +427,14 @@ def hu_from_normalized(array: np.ndarray, where: str = "volume") -> np.ndarray:
             f" {NARROW_SPREAD_HU:g} HU): those peaks are probably not fat and soft tissue (a volume dominated by"
             " lung, contrast-filled vessels or bone); give the volume in Hounsfield units (intensity 'hu')."
         )
-    hu = values - np.float32(fat)  # float32 throughout: one full-volume copy
-    hu *= np.float32(scale)
-    hu += np.float32(FAT_HU)
-    return hu
+
+    def to_hu(values: np.ndarray) -> np.ndarray:
+        values -= np.float32(fat)
+        values *= np.float32(scale)
+        values += np.float32(FAT_HU)
+        return values
+
+    return to_hu
 
 
 def sam_input(volume: Volume, grid: GridConfig, window: tuple[float, float], intensity: str = "hu") -> np.ndarray:
@@ -348,12 +451,10 @@ def sam_input(volume: Volume, grid: GridConfig, window: tuple[float, float], int
     """
     if intensity not in INTENSITIES:
         raise InputError(f"unknown intensity {intensity!r}; choose one of {list(INTENSITIES)}.")
-    if intensity == "normalized":
-        where = volume.metadata.get("source_path", "volume")
-        volume = volume.with_array(hu_from_normalized(volume.array, where))
+    to_hu = _hu_map(volume.array, volume.metadata.get("source_path", "volume")) if intensity == "normalized" else None
     windowed = GridConfig(spatial_size=grid.spatial_size, crop_foreground=grid.crop_foreground,
                           intensity="window", window=window)  # fmt: skip
-    return to_model(volume, windowed)[0]
+    return _to_model(volume, windowed, to_hu)[0]
 
 
 def _check_shape(array: np.ndarray, expected: tuple[int, ...], what: str) -> None:

@@ -25,6 +25,14 @@ __all__ = ["PointPrompt", "BoxPrompt", "check_prompts_inside", "synthesize_point
 POSITIVE, NEGATIVE = 1, 0
 
 
+def _shown(value: object) -> str:
+    """``value`` as a message shows it: numpy numbers as plain numbers, never ``np.float64(…)``."""
+    try:
+        return repr(np.asarray(value).tolist())
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 @dataclass(frozen=True)
 class PointPrompt:
     """A click: ``ijk`` voxel coordinate and ``label`` (1 positive / foreground, 0 negative / background)."""
@@ -35,9 +43,9 @@ class PointPrompt:
     def __post_init__(self) -> None:
         ijk = tuple(float(v) for v in np.asarray(self.ijk, dtype=float).ravel())
         if len(ijk) != 3 or not np.all(np.isfinite(ijk)):
-            raise InputError(f"A point prompt needs three finite coordinates (i, j, k), got {self.ijk!r}.")
+            raise InputError(f"A point prompt needs three finite coordinates (i, j, k), got {_shown(self.ijk)}.")
         if self.label not in (POSITIVE, NEGATIVE):
-            raise InputError(f"A point label must be 1 (positive) or 0 (negative), got {self.label!r}.")
+            raise InputError(f"A point label must be 1 (positive) or 0 (negative), got {_shown(self.label)}.")
         object.__setattr__(self, "ijk", ijk)
 
 
@@ -56,10 +64,12 @@ class BoxPrompt:
         hi = np.asarray(self.max_ijk, dtype=float).ravel()
         if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
             raise InputError(
-                f"A box needs finite min and max corners (i, j, k), got {self.min_ijk!r}, {self.max_ijk!r}."
+                f"A box needs finite min and max corners (i, j, k), got {_shown(self.min_ijk)}, {_shown(self.max_ijk)}."
             )
         if np.any(lo > hi):
-            raise InputError(f"Box min corner {tuple(lo)} exceeds its max corner {tuple(hi)} on some axis.")
+            raise InputError(
+                f"Box min corner {tuple(lo.tolist())} exceeds its max corner {tuple(hi.tolist())} on some axis."
+            )
         object.__setattr__(self, "min_ijk", tuple(lo.tolist()))
         object.__setattr__(self, "max_ijk", tuple(hi.tolist()))
 

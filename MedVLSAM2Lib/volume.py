@@ -7,13 +7,19 @@ Conventions (DESIGN.md §3):
 - Readers never change intensities beyond what the file format itself prescribes (DICOM
   RescaleSlope/Intercept, NIfTI scl_slope/scl_inter). CT-RATE v2 (``*_fixed``) volumes are already
   in HU; see :mod:`MedVLSAM2Lib.data.ctrate` for why no metadata rescale is applied to them.
+- Readers check every header before any pixel data is read (:mod:`MedVLSAM2Lib.volume_checks`): the voxels it
+  declares against ``max_voxels`` and the bytes the file holds, each DICOM file's pixel data for truncation. Every
+  failure is one line naming the file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import zlib
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +27,20 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import InputError
+from .errors import CapacityError, InputError, MedVLSAM2Error
+from .volume_checks import (
+    DicomImage,
+    Payload,
+    check_payload,
+    check_voxel_count,
+    metaimage_payload,
+    nrrd_payload,
+    scan_dicom_file,
+)
 
 __all__ = [
     "Volume",
+    "DEFAULT_MAX_VOXELS",
     "INTENSITIES",
     "VOLUME_SUFFIXES",
     "read_volume",
@@ -48,6 +64,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm",)
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES
+# Geometry a scanner can produce, with wide margins: a voxel between 0.1 µm and 100 m, the first voxel within 1 km.
+MIN_SPACING_MM, MAX_SPACING_MM, MAX_ORIGIN_MM = 1e-4, 1e5, 1e6
 
 
 @dataclass
@@ -75,9 +93,18 @@ class Volume:
                 f"{where}: voxels must be scalar numbers, got dtype {self.array.dtype} (RGB/vector image?)."
             )
         if self.ijk_to_ras.shape != (4, 4) or not np.all(np.isfinite(self.ijk_to_ras)):
-            raise InputError(f"{where}: ijk_to_ras must be a finite 4x4 matrix, got {self.ijk_to_ras!r}.")
-        if abs(np.linalg.det(self.ijk_to_ras[:3, :3])) < 1e-12:
+            raise InputError(f"{where}: ijk_to_ras must be a finite 4x4 matrix, got {self.ijk_to_ras.tolist()}.")
+        with np.errstate(over="ignore"):  # an absurd matrix overflows to inf, which the checks below refuse
+            singular = abs(np.linalg.det(self.ijk_to_ras[:3, :3])) < 1e-12
+            spacing = np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
+        if singular:
             raise InputError(f"{where}: ijk_to_ras is singular (zero spacing or degenerate directions).")
+        if not np.all((spacing >= MIN_SPACING_MM) & (spacing <= MAX_SPACING_MM)):
+            raise InputError(f"{where}: voxel spacing {spacing.tolist()} mm (the columns of ijk_to_ras) is outside "
+                             f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm.")  # fmt: skip
+        if np.any(np.abs(self.ijk_to_ras[:3, 3]) > MAX_ORIGIN_MM) or not np.allclose(self.ijk_to_ras[3], (0, 0, 0, 1)):
+            raise InputError(f"{where}: ijk_to_ras must end with the row 0 0 0 1 and place voxel (0, 0, 0) within "
+                             f"{MAX_ORIGIN_MM:g} mm of the origin, got {self.ijk_to_ras.tolist()}.")  # fmt: skip
 
     @property
     def shape_ijk(self) -> tuple[int, int, int]:
@@ -155,6 +182,11 @@ def orientation_transform(ijk_to_ras: np.ndarray, axcodes: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- reading
 
+# The most voxels a file may declare (all axes and components) unless the caller says otherwise: 512 x 512 x 4096 =
+# 2**30, a whole-body CT at full resolution (2 m in 0.5 mm slices is 4000 slices; 2 GiB as int16), and the limit the
+# wire protocol and the server applied before this constant existed. The CLI and the server default to it.
+DEFAULT_MAX_VOXELS = 512 * 512 * 4096
+
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
@@ -164,38 +196,123 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Volume:
+def read_volume(
+    path: str | os.PathLike, *, series_uid: str | None = None, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> Volume:
     """Read a CT volume from NIfTI, NRRD, MHA/MHD, a DICOM file or a DICOM series folder.
+
+    Every header is checked before any pixel data is read: the voxels it declares against ``max_voxels`` and against
+    the bytes the file holds, and each DICOM file's pixel data for truncation. Failures are one line naming the file.
 
     Args:
         path: a file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.seg.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``,
             ``.dcm``) or a folder holding one DICOM series.
         series_uid: which series to read when the folder holds several (see :func:`list_dicom_series`).
+        max_voxels: the most voxels the file may declare, all axes and components counted.
 
     Returns:
         The volume, array in KJI order and ``ijk_to_ras`` in RAS.
 
     Raises:
-        InputError: the path is missing, its format unsupported, the file corrupt or truncated, the image
-            not 3D, or the folder holds no or several DICOM series.
+        TooLargeError: the header declares more than ``max_voxels`` voxels.
+        InputError: the path is missing, its format unsupported, the file corrupt or truncated (a DICOM slice
+            missing from its series, one cut short), the image not 3D, or the folder holds no DICOM series, or
+            several and ``series_uid`` names none of them.
+        CapacityError: the memory ran out while reading a volume within the limit.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder.")
     if path.is_dir():
-        return _read_dicom_series(path, series_uid)
+        return _read_dicom_series(path, series_uid, max_voxels)
     suffix = _suffix(path)
     if suffix in NIFTI_SUFFIXES:
-        volume = _read_nifti(path)
+        volume = _read_nifti(path, max_voxels)
     elif suffix in ITK_SUFFIXES or suffix in DICOM_SUFFIXES:
-        volume = _read_with_sitk(path)
+        volume = _read_with_sitk(path, max_voxels)
     else:
         raise InputError(
             f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
             f"expected one of {', '.join(VOLUME_SUFFIXES)} or a DICOM series folder."
         )
-    logger.info("read %s: shape KJI %s, axes %s", path, volume.array.shape, "".join(volume.axcodes))
+    logger.info("read %s: shape KJI %s, axes %s", path, volume.array.shape, "".join(c or "?" for c in volume.axcodes))
     return volume
+
+
+class _Silenced:
+    """Keeps a library's console output off while any read needs it (reads may run in several threads) and puts
+    back what was there when the last one ends."""
+
+    def __init__(self, is_on: Callable[[], bool], turn: Callable[[bool], None]) -> None:
+        self._is_on, self._turn = is_on, turn
+        self._lock, self._users, self._saved = threading.Lock(), 0, True
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._is_on()
+                self._turn(False)
+            self._users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._turn(self._saved)
+
+
+def _itk_warnings_on() -> bool:
+    import SimpleITK as sitk
+
+    return bool(sitk.ProcessObject.GetGlobalWarningDisplay())
+
+
+def _turn_itk_warnings(on: bool) -> None:
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(on)
+
+
+def _nibabel_log_on() -> bool:
+    return not logging.getLogger("nibabel.global").disabled
+
+
+def _turn_nibabel_log(on: bool) -> None:
+    logging.getLogger("nibabel.global").disabled = not on
+
+
+# ITK prints warnings such as "Non uniform sampling or missing slices detected" on the console, around the one-line
+# error a caller shows; the facts they report are checked here instead (_check_even_slices).
+_ITK_WARNINGS = _Silenced(_itk_warnings_on, _turn_itk_warnings)
+# nibabel logs the header problems it repairs ("sizeof_hdr should be 348") through a console handler of its own.
+_NIBABEL_LOG = _Silenced(_nibabel_log_on, _turn_nibabel_log)
+
+
+def _reason(err: BaseException) -> str:
+    """The informative line of a reader's error message. ITK's has several: where it was thrown, the filter and its
+    address, then the cause, which teem (NRRD) nests as ``[nrrd] function: ...`` lines, innermost last."""
+    lines, nested = [], []
+    for raw in str(err).splitlines():
+        line = re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-fA-F]+\):|sitk::ERROR:|\[\w+\] \w+:)\s*", "", raw.strip())
+        if line and not line.startswith("Exception thrown in SimpleITK") and not line.endswith(":"):
+            (nested if raw.startswith("[") else lines).append(line)
+    reason = nested[-1] if nested else lines[0] if lines else type(err).__name__
+    return reason if len(reason) <= 200 else reason[:199] + "…"
+
+
+@contextmanager
+def _reading(where: Path, what: str, advice: str, quiet: _Silenced) -> Iterator[None]:
+    """Run a third-party reader with its console output off; any failure of it becomes one line naming ``where``."""
+    with quiet:
+        try:
+            yield
+        except MedVLSAM2Error:
+            raise
+        except MemoryError as err:
+            raise CapacityError(f"{where}: not enough memory to read this {what}; free memory or use a machine with "
+                                "more.") from err  # fmt: skip
+        except Exception as err:  # readers of untrusted files fail in many ways: each means a bad file
+            raise InputError(f"{where}: cannot read {what} ({_reason(err)}); {advice}") from err
 
 
 def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
@@ -212,14 +329,21 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def _read_nifti(path: Path) -> Volume:
+def _read_nifti(path: Path, max_voxels: int) -> Volume:
     import nibabel as nib
 
-    try:
-        image = nib.load(str(path))
+    advice = "the file is truncated, corrupt or not NIfTI."
+    with _reading(path, "NIfTI", advice, _NIBABEL_LOG):
+        image = nib.load(str(path))  # the header only
+    header = image.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    check_voxel_count(path, shape, max_voxels)
+    compressed = path.name.lower().endswith(".gz")
+    offset = 0 if compressed else int(image.dataobj.offset)  # the header copy's offset is reset to 0
+    item_bytes = header.get_data_dtype().itemsize
+    check_payload(path, Payload(path, offset, shape, item_bytes, "deflate" if compressed else "raw"))
+    with _reading(path, "NIfTI", advice, _NIBABEL_LOG):
         data = np.asanyarray(image.dataobj)  # applies scl_slope / scl_inter as NIfTI prescribes
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
-        raise InputError(f"{path}: cannot read NIfTI ({err}); the file is truncated, corrupt or not NIfTI.") from err
     data = _as_3d(data, path)  # nibabel gives (i, j, k)
     metadata = {"source_path": str(path), "format": "nifti"}
     return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine, metadata)
@@ -250,78 +374,131 @@ def _sitk_to_volume(image: Any, path: Path, metadata: dict[str, Any]) -> Volume:
     return Volume(np.ascontiguousarray(array), lps_to_ras @ ijk_to_lps, metadata)
 
 
-def _read_with_sitk(path: Path) -> Volume:
+def _read_with_sitk(path: Path, max_voxels: int) -> Volume:
     import SimpleITK as sitk
 
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
-        raise InputError(
-            f"{path}: cannot read image ({reason}); the file is corrupt or not a supported format."
-        ) from err
-    fmt = "dicom" if _suffix(path) in DICOM_SUFFIXES else _suffix(path).lstrip(".")
+    suffix = _suffix(path)
+    if suffix in DICOM_SUFFIXES:
+        dicom = scan_dicom_file(path)
+        if dicom is not None and not dicom.pixels:
+            raise InputError(f"{path}: no pixel data in this DICOM file; it is truncated or not an image.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    advice = "the file is truncated, corrupt or not a supported format."
+    with _reading(path, "image", advice, _ITK_WARNINGS):
+        reader.ReadImageInformation()  # the header only
+    components = reader.GetNumberOfComponents()
+    check_voxel_count(path, reader.GetSize() + ((components,) if components > 1 else ()), max_voxels)
+    if suffix in (".seg.nrrd", ".nrrd", ".nhdr"):
+        payload = nrrd_payload(path)
+    else:
+        payload = metaimage_payload(path) if suffix in (".mha", ".mhd") else None
+    if payload is not None:
+        check_payload(path, payload)
+    with _reading(path, "image", advice, _ITK_WARNINGS):
+        image = reader.Execute()
+    fmt = "dicom" if suffix in DICOM_SUFFIXES else suffix.lstrip(".")
     return _sitk_to_volume(image, path, {"source_path": str(path), "format": fmt})
 
 
-def list_dicom_series(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """The DICOM series in a folder: ``uid``, ``description``, ``modality``, ``files`` (count), ``first_file``."""
+def _scan_dicom_folder(folder: Path) -> dict[str, DicomImage | None]:
+    """Each file's DICOM header in ``folder`` (not sub-folders), by name, its pixel data checked for truncation.
+    GDCM reads every file of a folder whole to list its series, which one truncated JPEG 2000 slice makes cost
+    gigabytes: this runs first, with bounded cost."""
+    return {p.name: scan_dicom_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _gdcm_series(folder: Path) -> list[dict[str, Any]]:
     import SimpleITK as sitk
 
-    folder = Path(folder)
     series = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(files[0])
-        reader.ReadImageInformation()
+    with _ITK_WARNINGS:
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files[0])
+            reader.ReadImageInformation()
 
-        def tag(key: str, reader: Any = reader) -> str:
-            return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+            def tag(key: str, reader: Any = reader) -> str:
+                return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
 
-        series.append(
-            {
-                "uid": uid,
-                "description": tag("0008|103e"),
-                "modality": tag("0008|0060"),
-                "files": len(files),
-                "first_file": files[0],
-            }
-        )
+            series.append(
+                {
+                    "uid": uid,
+                    "description": tag("0008|103e"),
+                    "modality": tag("0008|0060"),
+                    "files": len(files),
+                    "first_file": files[0],
+                    "size": tuple(int(n) for n in reader.GetSize()),
+                }
+            )
     return series
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
-    import SimpleITK as sitk
+def list_dicom_series(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The DICOM series in a folder: ``uid``, ``description``, ``modality``, ``files`` (count), ``first_file`` and
+    ``size`` (the first file's voxels along i, j, k).
 
-    series = list_dicom_series(folder)
+    Raises:
+        InputError: a DICOM file in the folder is damaged or truncated (checked first: GDCM's listing would read it).
+    """
+    folder = Path(folder)
+    _scan_dicom_folder(folder)
+    return _gdcm_series(folder)
+
+
+def _series_listing(series: list[dict[str, Any]]) -> str:
+    """The series of a folder on one line, each with what a user needs to choose it."""
+    return "; ".join(
+        f"{s['uid'] or repr('') + ' (empty UID)'} ({repr(s['description']) if s['description'] else 'no description'}, "
+        f"{s['modality'] or '?'}, {s['files']} files)"
+        for s in series
+    )
+
+
+def _choose_series(folder: Path, series: list[dict[str, Any]], series_uid: str | None) -> dict[str, Any]:
     if not series:
         raise InputError(f"{folder}: no DICOM series found in this folder (sub-folders are not searched).")
-    if series_uid is None and len(series) > 1:
-        listing = "\n".join(
-            f"  - {s['uid'] or '(empty UID)'}: {s['description'] or '(no description)'}, "
-            f"{s['modality'] or '?'}, {s['files']} files"
-            for s in series
-        )
-        raise InputError(
-            f"{folder}: the folder holds {len(series)} DICOM series; choose one with series_uid=:\n" + listing
-        )
-    chosen = series[0] if series_uid is None else next((s for s in series if s["uid"] == series_uid), None)
-    if chosen is None:
-        raise InputError(f"{folder}: no series with UID {series_uid!r}; present: {[s['uid'] for s in series]}.")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen["uid"])
+    if series_uid is None:
+        if len(series) > 1:
+            raise InputError(f"{folder}: the folder holds {len(series)} DICOM series; choose one with --series UID "
+                             f"(series_uid= in Python): {_series_listing(series)}.")  # fmt: skip
+        return series[0]
+    for s in series:
+        if s["uid"] == series_uid:
+            return s
+    raise InputError(f"{folder}: no DICOM series with UID {series_uid!r} in this folder; it holds "
+                     f"{_series_listing(series)}. Choose one with --series UID.")  # fmt: skip
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None, max_voxels: int) -> Volume:
+    import SimpleITK as sitk
+
+    scanned = _scan_dicom_folder(folder)
+    chosen = _choose_series(folder, _gdcm_series(folder), series_uid)
+    uid = chosen["uid"]
+    with _ITK_WARNINGS:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    images = _series_images(folder, uid, files, scanned)
+    columns, rows, frames = chosen["size"]
+    check_voxel_count(
+        folder, (columns, rows, frames * len(files)), max_voxels, declared_by="the series' headers declare"
+    )
+    _check_even_slices(folder, images)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        image = reader.Execute()  # applies RescaleSlope/Intercept: the array is in HU for CT
-    except RuntimeError as err:
-        raise InputError(f"{folder}: cannot read DICOM series {chosen['uid']!r} ({str(err).strip()}).") from err
-    _check_even_slices(reader, files, image, folder)
+        with _reading(folder, f"DICOM series {uid!r}", "a file is damaged or in an unsupported format.", _ITK_WARNINGS):
+            image = reader.Execute()  # applies RescaleSlope/Intercept: the array is in HU for CT
+    except InputError as err:
+        culprit = _unreadable_slice(files)
+        if culprit is None:
+            raise
+        raise culprit from err
     metadata = {
         "source_path": str(folder),
         "format": "dicom",
-        "series_uid": chosen["uid"],
+        "series_uid": uid,
         "series_description": chosen["description"],
         "modality": chosen["modality"],
         "files": len(files),
@@ -329,25 +506,75 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     return _sitk_to_volume(image, folder, metadata)
 
 
-def _check_even_slices(reader: Any, files: tuple[str, ...], image: Any, folder: Path) -> None:
-    """Refuse a series whose slices are unevenly spaced (a missing or unreadable file): SimpleITK would only warn
-    and stretch the geometry."""
-    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-    positions = []
-    for n in range(len(files)):
-        if not reader.HasMetaDataKey(n, "0020|0032"):
-            return  # no per-slice positions (e.g. a multi-frame file): nothing to check
-        positions.append(float(np.dot(normal, [float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")])))
-    steps = np.diff(positions)
-    if steps.size < 2:
-        return
+def _series_images(
+    folder: Path, uid: str, files: Sequence[str], scanned: dict[str, DicomImage | None]
+) -> list[DicomImage | None]:
+    """The checked headers of a series' files in GDCM's slice order (``None``: not read by pydicom), after making sure
+    that GDCM left out no file of the series, that each has pixel data, and that all have one image size.
+
+    Raises:
+        InputError: naming the first file that fails.
+    """
+    listed = {Path(f).name for f in files}
+    for name, image in scanned.items():
+        if image is not None and image.series_uid == uid and name not in listed:
+            why = "it has no pixel data" if not image.pixels else "GDCM cannot read it"
+            raise InputError(f"{folder / name}: this file of DICOM series {uid!r} is left out of it ({why}); it is "
+                             "truncated or damaged. Replace it or move it out of the folder.")  # fmt: skip
+    images = [scanned.get(Path(f).name) for f in files]
+    known = [image for image in images if image is not None]
+    for image in known:
+        if not image.pixels:
+            raise InputError(f"{image.path}: no pixel data in this file of DICOM series {uid!r}; it is truncated or "
+                             "not an image.")  # fmt: skip
+    for image in known:
+        first = known[0]
+        if (image.rows, image.columns, image.frames) != (first.rows, first.columns, first.frames):
+            raise InputError(f"{image.path}: {image.columns}x{image.rows} pixels in {image.frames} frames, where "
+                             f"{first.path.name} of the same series has {first.columns}x{first.rows} in "
+                             f"{first.frames}; a series needs one image size.")  # fmt: skip
+    return images
+
+
+def _check_even_slices(folder: Path, images: Sequence[DicomImage | None]) -> None:
+    """Refuse a series whose slices are unevenly spaced or stacked (a missing, damaged or duplicated file) from the
+    positions in their headers, before the pixels are read: ITK would only warn and stretch the geometry."""
+    slices = [image for image in images if image is not None and image.frames == 1 and image.position is not None]
+    orientation = slices[0].orientation if slices else None
+    if len(images) < 3 or len(slices) < len(images) or orientation is None:
+        return  # too few slices, or no per-slice positions (e.g. multi-frame files): nothing to check
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.array([float(np.dot(normal, image.position)) for image in slices])
+    order = np.argsort(along, kind="stable")  # GDCM's order is by position, unless two positions coincide
+    names = [slices[n].path.name for n in order]
+    steps = np.diff(along[order])
+    if np.any(steps < 1e-3):
+        n = int(np.argmax(steps < 1e-3))
+        raise InputError(f"{folder}: {names[n]} and {names[n + 1]} lie at the same position; the series holds "
+                         "duplicated files or several acquisitions.")  # fmt: skip
     expected = float(np.median(steps))
     worst = int(np.argmax(np.abs(steps - expected)))
-    if abs(steps[worst] - expected) > 0.01 * abs(expected) + 1e-3:
+    if abs(steps[worst] - expected) > 0.01 * expected + 1e-3:
         raise InputError(
-            f"{folder}: slices are not evenly spaced: {steps[worst]:.3f} mm between {Path(files[worst]).name} and "
-            f"{Path(files[worst + 1]).name}, {expected:.3f} mm elsewhere. A slice file is missing or damaged."
+            f"{folder}: slices are not evenly spaced: {steps[worst]:.3f} mm between {names[worst]} and "
+            f"{names[worst + 1]}, {expected:.3f} mm elsewhere. A slice file is missing or damaged."
         )
+
+
+def _unreadable_slice(files: Sequence[str]) -> InputError | None:
+    """The first file of a series that SimpleITK cannot read alone, as an error naming it (one slice at a time, so
+    the memory stays that of one slice); ``None`` when each reads."""
+    import SimpleITK as sitk
+
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            with _ITK_WARNINGS:
+                reader.Execute()
+        except RuntimeError as err:
+            return InputError(f"{name}: cannot decode this DICOM slice ({_reason(err)}); the file is damaged.")
+    return None
 
 
 # ---------------------------------------------------------------- writing

@@ -51,16 +51,16 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def in_process_server(engine) -> Iterator[str]:  # noqa: ANN001
-    """The server app over ``engine`` on uvicorn in this process (a test can watch or break the engine); yields
-    its URL and stops it after."""
+def in_process_server(engine, **settings) -> Iterator[str]:  # noqa: ANN001, ANN003
+    """The server app over ``engine`` with ``settings`` (:class:`ServerSettings` fields) on uvicorn in this process
+    (a test can watch or break the engine); yields its URL and stops it after."""
     import uvicorn
 
     from MedVLSAM2Lib.serving.server import ServerSettings, create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServerSettings(api_key=KEY)), host="127.0.0.1",
-                                          port=port, log_level="critical"))  # fmt: skip
+    app = create_app(engine, ServerSettings(api_key=KEY, **settings))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

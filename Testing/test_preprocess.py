@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -40,6 +42,77 @@ def test_model_image_equals_monai_crop_foreground_and_resize():
     np.testing.assert_allclose(image, np.asarray(reference), atol=1e-6)
     # the toy's i, j, k point L, S, A: canonical (k, j, i) = (S, P, L) turns the 4x7x8 body into 7x4x8
     assert record.crop_shape == (7, 4, 8) and canonical.shape == (10, 6, 12)
+
+
+def _reference_image(volume: Volume, config: GridConfig) -> tuple[np.ndarray, tuple, tuple]:
+    """The definition of the model image, on the whole volume at once: float32 canonical copy, min-max (or window),
+    foreground box of the voxels above the minimum, one trilinear resize; and the box."""
+    import torch
+    import torch.nn.functional as F
+
+    canonical = volume.reoriented("LPS").array.astype(np.float32)
+    low, high = float(canonical.min()), float(canonical.max())
+    nonzero = np.nonzero(canonical > low) if config.crop_foreground else np.nonzero(np.ones_like(canonical))
+    start, stop = tuple(int(a.min()) for a in nonzero), tuple(int(a.max()) + 1 for a in nonzero)
+    if config.intensity == "window":
+        low, high = config.window
+    image = (canonical[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))] - low) / (high - low)
+    if config.intensity == "window":
+        image = np.clip(image, 0.0, 1.0)
+    if image.shape != config.spatial_size:
+        image = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None, None], size=config.spatial_size,
+                              mode="trilinear", align_corners=False)[0, 0].numpy()  # fmt: skip
+    return image, start, stop
+
+
+def _random_affine(rng: np.random.Generator, axes: tuple[int, int, int]) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = 0
+    for column, row in enumerate(axes):
+        affine[row, column] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 3.0)
+    return affine
+
+
+def test_slice_by_slice_model_image_equals_the_whole_volume_definition(rng):
+    """Odd crops, up- and downsampling, every axis order and flips, minmax and window, several dtypes: the separable,
+    slice-by-slice resize of to_model gives the whole-volume trilinear image within float32 rounding (measured:
+    at most 2.4e-7 on random volumes, 1.2e-7 on the real CTs in ../shared/data)."""
+    for trial, axes in enumerate(itertools.islice(itertools.cycle(itertools.permutations(range(3))), 60)):
+        shape = tuple(int(n) for n in rng.integers(3, 20, 3))
+        array = (rng.normal(size=shape) * 300).astype(["int16", "float32", "uint8", "float64"][trial % 4])
+        array[rng.integers(0, shape[0])] = array.min()  # a background slice somewhere
+        array[:, :1] = array.min()
+        stored = array if trial % 3 else np.asfortranarray(array)  # C- and Fortran-ordered arrays alike
+        volume = Volume(stored, _random_affine(rng, axes))
+        window = {"intensity": "window", "window": (-150.5, 200.0)} if trial % 2 else {}
+        config = GridConfig(spatial_size=tuple(int(n) for n in rng.integers(1, 30, 3)), crop_foreground=trial % 5 > 0,
+                            **window)  # fmt: skip
+        image, record = to_model(volume, config)
+        expected, start, stop = _reference_image(volume, config)
+        assert (record.crop_start, record.crop_stop) == (start, stop)
+        assert image.dtype == np.float32 and image.shape == config.spatial_size
+        np.testing.assert_allclose(image, expected, atol=1e-6, rtol=0)
+
+
+def test_model_image_takes_no_float_copy_of_the_volume():
+    """The Python heap grows by one slab (SLAB_VOXELS) and the resampled slices, not by a float32 copy of the volume
+    (before: a contiguous canonical copy, a float32 copy, a boolean mask, the foreground indices and several
+    float32 temporaries, more than 10 times the int16 volume). Measured: 0.14 times this 32 MiB volume."""
+    array = np.full((64, 512, 512), -1000, np.int16)
+    array[4:60, 50:450, 60:470] = 40
+    array[20:40, 150:350, 150:350] = 300
+    volume = Volume(array, np.diag([0.8, 0.8, 2.5, 1.0]))  # RAS: flipped in-plane on the way to LPS
+    config = GridConfig(spatial_size=(16, 64, 64))
+    to_model(volume, config)  # imports torch outside the measurement
+    tracemalloc.start()
+    try:
+        image, record = to_model(volume, config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert record.crop_start == (4, 62, 42) and record.crop_stop == (60, 462, 452)
+    assert image.min() == pytest.approx(1040 / 1300, abs=1e-6) and image.max() == pytest.approx(1, abs=1e-6)
+    assert peak < 0.25 * array.nbytes, peak / array.nbytes
 
 
 def test_points_round_trip_exactly_and_land_on_the_same_anatomy():
@@ -142,6 +215,15 @@ def test_soft_masks_survive_strong_z_downsampling_better_than_nearest(subject_a,
     for vertebra in ["vertebrae_L1", "vertebrae_L2", "vertebrae_L3", "vertebrae_L4", "vertebrae_L5"]:
         assert soft_scores[total_labels[vertebra]] >= 0.92, vertebra
     assert np.median(list(soft_scores.values())) >= 0.97 and min(soft_scores.values()) >= 0.8
+
+
+@pytest.mark.realdata
+def test_real_ct_model_images_equal_the_whole_volume_definition(subject_a):
+    ct = read_volume(subject_a / "example_ct.nii.gz")
+    for volume in (ct, ct.reoriented("PSR")):  # as stored (RAS) and sagittal slices first
+        for config in (GridConfig(), GridConfig(spatial_size=(200, 300, 301), intensity="window", window=(-160, 240))):
+            image, _ = to_model(volume, config)
+            np.testing.assert_allclose(image, _reference_image(volume, config)[0], atol=1e-6, rtol=0)
 
 
 @pytest.mark.realdata

@@ -89,3 +89,16 @@ def test_prompt_types_validate_their_fields():
     with pytest.raises(InputError, match="exceeds"):
         BoxPrompt((5, 0, 0), (4, 1, 1))
     assert BoxPrompt((1, 2, 3), (4, 6, 3)).size.tolist() == [3, 4, 0]
+
+
+def test_prompt_errors_show_numpy_values_as_plain_numbers():
+    makers = (
+        lambda: BoxPrompt(np.array([5.0, 5, 5]), (1, 1, 1)),
+        lambda: PointPrompt((1, 2, 3), np.float64(0.7)),
+        lambda: PointPrompt((np.float64(1), 2, np.nan)),
+        lambda: BoxPrompt((np.float32(1), 2), (1, 2, 3)),
+    )
+    for make in makers:
+        with pytest.raises(InputError) as err:
+            make()
+        assert "np." not in str(err.value) and "array(" not in str(err.value)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
 
-from MedVLSAM2Lib.errors import InputError, ProtocolError
+from MedVLSAM2Lib.errors import InputError, ProtocolError, TooLargeError
 from MedVLSAM2Lib.results import ObjectMask, SegmentResult
+from MedVLSAM2Lib.serving import protocol
 from MedVLSAM2Lib.serving.client import check_server_url
 from MedVLSAM2Lib.serving.protocol import (
     DTYPES,
@@ -98,9 +100,9 @@ def test_malformed_frames_are_refused_by_name():
     for frame, message in cases:
         with pytest.raises(ProtocolError, match=message):
             unpack(frame)
-    with pytest.raises(ProtocolError, match="exceed the limit of 10"):
+    with pytest.raises(TooLargeError, match=r"declares 24 elements .* exceed the limit of 10 elements .*--max-voxels"):
         unpack(good, Limits(max_voxels=10))
-    with pytest.raises(ProtocolError, match="declare 96 bytes in all; at most 95 are accepted"):
+    with pytest.raises(TooLargeError, match=r"declare 96 bytes in all .*; at most 95 are accepted .*--max-voxels"):
         unpack(good, Limits(max_bytes=95))
     with pytest.raises(ProtocolError, match="at most 1 entries"):
         unpack(pack({}, [(np.zeros(2, np.uint8), {}), (np.zeros(2, np.uint8), {})]), Limits(max_arrays=1))
@@ -114,6 +116,51 @@ def test_compressed_data_are_never_inflated_past_the_declared_shape():
     cut = zlib.compress(bytes(96))[:-6]
     with pytest.raises(ProtocolError, match="truncated|corrupt"):
         unpack(_frame(_header(codec="zlib", nbytes=len(cut)), cut))
+    followed = zlib.compress(bytes(96)) + b"xyz"
+    with pytest.raises(ProtocolError, match="followed by 3 bytes of trailing data"):
+        unpack(_frame(_header(codec="zlib", nbytes=len(followed)), followed))
+
+
+def test_inflating_in_small_chunks_keeps_every_check(monkeypatch, rng):
+    """Input fed 5 bytes and output taken 7 bytes at a time: the chunked loop gives the same array and the same
+    refusals as one call would."""
+    monkeypatch.setattr(protocol, "INFLATE_CHUNK", 7)
+    monkeypatch.setattr(protocol, "INFLATE_INPUT", 5)
+    array = (rng.normal(size=(3, 5, 7)) * 100).astype(np.int16)
+    _, [(back, _)] = unpack(pack({}, [(array, {})]))
+    assert np.array_equal(back, array)
+    stream = zlib.compress(array.tobytes())
+    cases = [
+        (zlib.compress(array.tobytes() + b"x"), "decompress to more than"),
+        (zlib.compress(array.tobytes()[:-2]), r"208 bytes do not match shape \[3, 5, 7\] of int16 \(210 bytes\)"),
+        (stream[: len(stream) // 2], "truncated"),
+        (stream + b"\0", "followed by 1 bytes of trailing data"),
+        (b"not zlib at all", "corrupt"),
+    ]
+    for blob, message in cases:
+        with pytest.raises(ProtocolError, match=message):
+            unpack(_frame(_header("int16", (3, 5, 7), "zlib", len(blob)), blob))
+
+
+@pytest.mark.parametrize("codec", ["zlib", "raw"])
+def test_unpack_reads_any_bytes_like_into_one_array_without_copies(codec, rng):
+    """bytes, bytearray and memoryview frames decode alike into arrays that own their memory; the Python heap grows by
+    the decoded array and at most one inflate chunk (before: a copy of every blob, then a second one by astype)."""
+    array = rng.integers(-1000, 1000, (40, 512, 512), dtype=np.int16)  # 20 MiB
+    frame = pack({}, [(array, {})], codec=codec)
+    for data in (frame, bytearray(frame), memoryview(frame)):
+        tracemalloc.start()
+        try:
+            _, [(back, _)] = unpack(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert np.array_equal(back, array) and back.flags.writeable and back.flags.aligned
+        assert peak < array.nbytes + protocol.INFLATE_CHUNK + protocol.INFLATE_INPUT + (1 << 20), peak / array.nbytes
+    buffer = bytearray(frame)
+    _, [(back, _)] = unpack(buffer)
+    buffer[-array.nbytes // 2 :] = bytes(array.nbytes // 2)  # the caller reuses its buffer: the array is its own
+    assert np.array_equal(back, array)
 
 
 def test_volume_upload_must_be_one_3d_array_with_a_4x4_matrix():

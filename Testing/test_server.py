@@ -294,8 +294,8 @@ def test_expired_and_restarted_servers_never_give_a_wrong_mask(engine, volumes, 
         uploads = []
         original = client.encode
         client.encode = lambda *a, **k: uploads.append(1) or original(*a, **k)
+        expected = engine.segment(engine.encode(volumes["nifti"]), text="liver", boxes=[BOX])  # before the 2 s start
         handle = client.encode(volumes["nifti"])
-        expected = engine.segment(engine.encode(volumes["nifti"]), text="liver", boxes=[BOX])
         _same_segmentation(client.segment(handle, text="liver", boxes=[BOX]), expected)
         time.sleep(3)  # idle past the timeout: the session expires and is uploaded again
         _same_segmentation(client.segment(handle, text="liver", boxes=[BOX]), expected)
@@ -344,7 +344,7 @@ def test_an_unexpected_server_failure_is_named_as_one(volumes):
         def describe(self) -> dict:
             return {"preset": "broken"}
 
-        def encode(self, volume, intensity="hu"):  # noqa: ANN001, ANN201
+        def encode(self, volume, intensity="hu", cancel=None):  # noqa: ANN001, ANN201
             raise RuntimeError("a bug deep inside")
 
     with in_process_server(BrokenEngine()) as url:

@@ -115,12 +115,12 @@ def test_folder_with_two_series_lists_them_and_reads_the_chosen_one(data_dir, tm
             shutil.copy(f, tmp_path / f"{source.parent.name}_{f.name}")
     series = list_dicom_series(tmp_path)
     assert sorted(s["files"] for s in series) == [3, 20]
-    with pytest.raises(InputError, match=r"holds 2 DICOM series; choose one with series_uid=") as info:
+    with pytest.raises(InputError, match=r"holds 2 DICOM series; choose one with --series UID") as info:
         read_volume(tmp_path)
     assert "CT Body 3.0" in str(info.value) and "20 files" in str(info.value)
     three = next(s for s in series if s["files"] == 3)
     assert read_volume(tmp_path, series_uid=three["uid"]).array.shape == (3, 512, 512)
-    with pytest.raises(InputError, match="no series with UID"):
+    with pytest.raises(InputError, match="no DICOM series with UID '1.2.3'"):
         read_volume(tmp_path, series_uid="1.2.3")
 
 

@@ -66,7 +66,7 @@ def score_mask(probabilities: np.ndarray, truth: np.ndarray, spacing: Sequence[f
     if probabilities.shape != truth.shape or probabilities.ndim != 3:
         raise InputError(f"prediction {probabilities.shape} and ground truth {truth.shape} must be one 3D shape.")
     if len(spacing) != 3 or min(spacing) <= 0:
-        raise InputError(f"spacing must be three positive values, got {list(spacing)}.")
+        raise InputError(f"spacing must be three positive values, got {np.asarray(spacing).tolist()}.")
     if tolerance < 0:
         raise InputError(f"the surface Dice tolerance must be >= 0, got {tolerance}.")
     predicted = probabilities > threshold if mask is None else np.asarray(mask) > 0

@@ -23,6 +23,7 @@ a streamed report also stops between chunks. The client stays usable (its next r
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import queue
@@ -36,6 +37,7 @@ from urllib.parse import urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 
 from ..errors import CapacityError, InputError, ProtocolError, ServerError, SessionExpiredError, raise_if_cancelled
 from ..prompts import BoxPrompt, PointPrompt
@@ -79,6 +81,36 @@ def check_server_url(url: str) -> str:
                          "not an address to connect to; use 127.0.0.1 for this machine, or the server's name or "
                          "IP.")  # fmt: skip
     return url.rstrip("/")
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """A transport error and its causes, outermost first, through the wrappers of requests, urllib3 and the socket."""
+    chain = [err]
+    while True:
+        inner = err.reason if isinstance(err, MaxRetryError) else None
+        inner = inner or next((a for a in reversed(err.args) if isinstance(a, BaseException)), None) or err.__cause__
+        if inner is None or any(inner is seen for seen in chain):
+            return chain
+        chain.append(inner)
+        err = inner
+
+
+def _reason(err: BaseException) -> str:
+    """Why a request failed, in a few words: the innermost cause (refused, reset, unknown host, cut short)."""
+    inner = _causes(err)[-1]
+    if isinstance(inner, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    text = str(inner).strip() or type(inner).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _connected(err: Exception) -> bool:
+    """Whether a failed request had its connection (it broke or timed out later) rather than never getting one:
+    urllib3 gives up on refused connections, unknown hosts, connect timeouts, proxy and TLS failures with a
+    ``MaxRetryError``, and raises what breaks an established connection as it is."""
+    return not isinstance(err.args[0] if err.args else None, MaxRetryError)
 
 
 class _Abort:
@@ -201,17 +233,38 @@ class ServerClient:
 
     # ------------------------------------------------------------------ transport
 
+    def _failure(self, err: requests.exceptions.RequestException, what: str, started: float) -> ServerError:
+        """The error to raise for a transport failure of ``what`` that began at ``started`` (``time.monotonic()``):
+        the server could not be reached, did not answer in time, or the connection broke while in use."""
+        if any(isinstance(cause, ReadTimeoutError) for cause in _causes(err)):  # also one while reading the body
+            return ServerError(f"the server at {self.url} did not answer {what} within {self.timeout[1]:g} s (the "
+                               "client's read timeout); it may be overloaded.")  # fmt: skip
+        if _connected(err):
+            return ServerError(f"the connection to {self.url} broke during {what} after "
+                               f"{time.monotonic() - started:.1f} s ({_reason(err)}); the server may have restarted "
+                               "or hit a limit; retry.")  # fmt: skip
+        connect_timeout = isinstance(err, requests.exceptions.ConnectTimeout)
+        reason = f"no connection within {self.timeout[0]:g} s" if connect_timeout else _reason(err)
+        return ServerError(f"cannot reach the MedVLSAM2 server at {self.url} ({reason}). Is `medvlsam2 serve` running "
+                           "there and the port open?")  # fmt: skip
+
     def _send(self, method: str, path: str, idempotent: bool, cancel: threading.Event | None = None,
               **kwargs: Any) -> requests.Response:  # fmt: skip
+        """``method path`` with timeouts; an idempotent call is retried after a connection failure (backing off).
+
+        Raises:
+            ServerError: the server cannot be reached, did not answer in time, the connection broke during the call,
+                or what answered is not a MedVLSAM2 server; the library's typed errors for the server's own errors.
+        """
         attempts = 1 + (self.retries if idempotent else 0)
         for attempt in range(attempts):
+            started = time.monotonic()
             try:
                 response = self._request(method, self.url + path, cancel, timeout=self.timeout, **kwargs)
                 break
             except requests.exceptions.ReadTimeout as err:
-                raise ServerError(f"{self.url} gave no answer within {self.timeout[1]:g} s ({method} {path}); "
-                                  "the server may be overloaded.") from err  # fmt: skip
-            except requests.exceptions.ConnectionError as err:
+                raise self._failure(err, f"{method} {path}", started) from err
+            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
                 if attempt + 1 < attempts:
                     pause = self.backoff_s * 2**attempt
                     if cancel is None:
@@ -219,8 +272,7 @@ class ServerClient:
                     else:
                         cancel.wait(pause)  # a cancel ends the pause, and the next attempt raises Cancelled
                     continue
-                raise ServerError(f"cannot reach the MedVLSAM2 server at {self.url} ({type(err).__name__}). Is "
-                                  "`medvlsam2 serve` running there and the port open?") from err  # fmt: skip
+                raise self._failure(err, f"{method} {path}", started) from err
         self._check(response)
         return response
 
@@ -372,8 +424,9 @@ class ServerClient:
         """Read the NDJSON report stream: here, or (with ``cancel``) on a helper thread, abortable."""
 
         def stream() -> Iterator[dict]:
+            started = time.monotonic()
             response = self._send("POST", f"/sessions/{key}/report", idempotent=False, json=body, stream=True)
-            return self._report_messages(response)
+            return self._report_messages(response, started)
 
         messages = stream() if cancel is None else self._abortable(lambda emit: [*map(emit, stream())], cancel)
         report = None
@@ -391,8 +444,8 @@ class ServerClient:
             raise ServerError(f"{self.url} ended the report stream without the report.")
         return report
 
-    def _report_messages(self, response: requests.Response) -> Iterator[dict]:
-        """The JSON messages of a report stream, one per line."""
+    def _report_messages(self, response: requests.Response, started: float) -> Iterator[dict]:
+        """The JSON messages of a report stream (requested at ``started``, ``time.monotonic()``), one per line."""
         try:
             for line in response.iter_lines():
                 if not line:
@@ -402,7 +455,7 @@ class ServerClient:
                 except ValueError as err:
                     raise ServerError(f"{self.url} sent a broken line in the report stream.") from err
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
-            raise ServerError(f"the connection to {self.url} broke while the report was streaming.") from err
+            raise self._failure(err, "the streamed report", started) from err
         finally:
             response.close()
 

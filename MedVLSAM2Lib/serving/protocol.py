@@ -7,8 +7,10 @@
 
 Every array is C-ordered, little-endian, of a dtype in :data:`DTYPES`, and stored ``zlib``-compressed or
 ``raw``; ``nbytes`` is the length of its blob. :func:`unpack` checks everything before it allocates: the
-magic, the header size, each field, the declared bytes against the body, and it never decompresses past the
-size the shape declares (no zip bombs). No pickle anywhere. Masks travel cropped to their bounding box with
+magic, the header size, each field, the declared sizes against :class:`Limits` (refused with
+:class:`~MedVLSAM2Lib.errors.TooLargeError`), the declared bytes against the body; it then inflates each blob
+in bounded chunks straight into an array of the declared size, never past it (no zip bombs): decoding takes
+the decoded array plus one chunk. No pickle anywhere. Masks travel cropped to their bounding box with
 its ``offset`` (k, j, i) and the ``full_shape`` of the volume; each mask's header entry also holds its ``label``,
 ``score`` and (optional, since a reader ignores fields it does not know) ``presence``, one number per k slice, written
 as the exact double of each float32 so that it comes back bit for bit. numpy only: the Slicer module imports this.
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ProtocolError
+from ..errors import ProtocolError, TooLargeError
 from ..results import ObjectMask, SegmentResult
 from ..volume import INTENSITIES, Volume
 
@@ -51,12 +53,15 @@ MAGIC = b"MVS1"
 MAX_HEADER_BYTES = 1 << 20
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 CODECS = ("zlib", "raw")
+INFLATE_CHUNK = 16 << 20  # at most this many bytes come out of one zlib call while decoding
+INFLATE_INPUT = 1 << 20  # compressed bytes fed to zlib per step (its unconsumed input is kept as a copy)
 
 
 @dataclass(frozen=True)
 class Limits:
     """What :func:`unpack` accepts: at most ``max_arrays`` arrays of at most ``max_voxels`` elements each and
-    ``max_bytes`` decompressed bytes in all (checked before anything is decompressed)."""
+    ``max_bytes`` decompressed bytes in all (checked before anything is allocated or decompressed). A server sets
+    both from its ``--max-voxels``."""
 
     max_voxels: int = 1024 * 1024 * 1024
     max_arrays: int = 64
@@ -101,8 +106,12 @@ def _array_spec(entry: object, where: str, limits: Limits) -> tuple[np.dtype, tu
     shape = _field(entry, "shape", list, where)
     if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
         raise ProtocolError(f"{where}: shape must be a list of positive integers, got {shape!r}.")
-    if math.prod(shape) > limits.max_voxels:
-        raise ProtocolError(f"{where}: {math.prod(shape)} elements exceed the limit of {limits.max_voxels}.")
+    count = math.prod(shape)
+    if count > limits.max_voxels:
+        mib = count * np.dtype(dtype).itemsize / 2**20
+        raise TooLargeError(f"{where}: its shape {shape} declares {count} elements ({mib:.1f} MiB of {dtype}), which "
+                            f"exceed the limit of {limits.max_voxels} elements (on a server, --max-voxels sets "
+                            "it).")  # fmt: skip
     if entry.get("order", "C") != "C":
         raise ProtocolError(f"{where}: order must be 'C', got {entry.get('order')!r}.")
     codec = _field(entry, "codec", str, where)
@@ -114,33 +123,71 @@ def _array_spec(entry: object, where: str, limits: Limits) -> tuple[np.dtype, tu
     return np.dtype(dtype).newbyteorder("<"), tuple(shape), codec, nbytes
 
 
-def _decode(blob: bytes, dtype: np.dtype, shape: tuple[int, ...], codec: str, where: str) -> np.ndarray:
-    expected = math.prod(shape) * dtype.itemsize
-    if codec == "zlib":
-        inflater = zlib.decompressobj()
-        try:
-            data = inflater.decompress(blob, expected + 1)
-        except zlib.error as err:
-            raise ProtocolError(f"{where}: the zlib stream is corrupt ({err}).") from err
-        if len(data) > expected or inflater.unconsumed_tail:
-            raise ProtocolError(f"{where}: data decompress to more than shape {list(shape)} × {dtype.itemsize} "
-                                f"bytes = {expected}.")  # fmt: skip
-        if not inflater.eof:
-            raise ProtocolError(f"{where}: the zlib stream is truncated.")
-    else:
-        data = blob
-    if len(data) != expected:
-        raise ProtocolError(f"{where}: {len(data)} bytes do not match shape {list(shape)} of {dtype.name} "
-                            f"({expected} bytes).")  # fmt: skip
-    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
-
-
-def unpack(data: bytes, limits: Limits = Limits()) -> tuple[dict[str, Any], list[tuple[np.ndarray, dict[str, Any]]]]:
-    """Read a frame: ``(meta, [(array, header entry), …])``.
+def _inflate(blob: memoryview, out: memoryview, where: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """Decompress the zlib stream ``blob`` into ``out`` (bytes), exactly filling it: ``blob`` is fed in steps of
+    :data:`INFLATE_INPUT` bytes and inflated in pieces of at most :data:`INFLATE_CHUNK`, so nothing but ``out``
+    grows with the data.
 
     Raises:
+        ProtocolError: the stream is corrupt, truncated, followed by other bytes, or inflates to more or fewer
+            bytes than ``out`` holds.
+    """
+    expected, filled, position = len(out), 0, 0
+    inflater = zlib.decompressobj()
+    try:
+        while position < len(blob) and not inflater.eof:
+            data = blob[position : position + INFLATE_INPUT]
+            position += len(data)
+            while data and not inflater.eof:
+                piece = inflater.decompress(data, min(INFLATE_CHUNK, expected - filled + 1))
+                if len(piece) > expected - filled:
+                    raise ProtocolError(f"{where}: data decompress to more than shape {list(shape)} × {dtype.itemsize} "
+                                        f"bytes = {expected}.")  # fmt: skip
+                out[filled : filled + len(piece)] = piece
+                filled += len(piece)
+                data = inflater.unconsumed_tail
+    except zlib.error as err:
+        raise ProtocolError(f"{where}: the zlib stream is corrupt ({err}).") from err
+    if not inflater.eof:
+        raise ProtocolError(f"{where}: the zlib stream is truncated.")
+    trailing = len(inflater.unused_data) + len(blob) - position
+    if trailing:
+        raise ProtocolError(f"{where}: the zlib stream is followed by {trailing} bytes of trailing data.")
+    if filled != expected:
+        raise ProtocolError(f"{where}: {filled} bytes do not match shape {list(shape)} of {dtype.name} "
+                            f"({expected} bytes).")  # fmt: skip
+
+
+def _decode(blob: memoryview, dtype: np.dtype, shape: tuple[int, ...], codec: str, where: str) -> np.ndarray:
+    """The array of a blob, in native byte order, writable and owning its memory: one allocation of the declared
+    size, filled by inflating in chunks (``zlib``) or by one copy of the blob (``raw``: a view would alias the
+    caller's buffer, which may be reused or, from ``bytes``, is read-only, and may be misaligned)."""
+    expected = math.prod(shape) * dtype.itemsize
+    if codec == "raw" and len(blob) != expected:
+        raise ProtocolError(f"{where}: {len(blob)} bytes do not match shape {list(shape)} of {dtype.name} "
+                            f"({expected} bytes).")  # fmt: skip
+    array = np.empty(shape, dtype=dtype)
+    target = memoryview(array).cast("B")
+    if codec == "zlib":
+        _inflate(blob, target, where, dtype, shape)
+    else:
+        target[:] = blob
+    native = dtype.newbyteorder("=")
+    return array if dtype == native else array.byteswap(inplace=True).view(native)
+
+
+def unpack(
+    data: bytes | bytearray | memoryview, limits: Limits = Limits()
+) -> tuple[dict[str, Any], list[tuple[np.ndarray, dict[str, Any]]]]:
+    """Read a frame from any bytes-like ``data`` (read, never copied): ``(meta, [(array, header entry), …])``. The
+    arrays own their memory (the caller may reuse ``data``); peak memory is the arrays plus one inflate chunk.
+
+    Raises:
+        TooLargeError: an array or all of them together declare more than ``limits`` allow (refused before any
+            allocation; a ProtocolError too).
         ProtocolError: anything malformed, named (magic, header, a field, byte counts, trailing data).
     """
+    data = memoryview(data).cast("B")
     if len(data) < 8 or data[:4] != MAGIC:
         raise ProtocolError("not a MedVLSAM2 frame (it must start with b'MVS1' and a header length).")
     (size,) = struct.unpack("<I", data[4:8])
@@ -149,9 +196,11 @@ def unpack(data: bytes, limits: Limits = Limits()) -> tuple[dict[str, Any], list
     if len(data) < 8 + size:
         raise ProtocolError(f"the frame is truncated: its header needs {size} bytes, {len(data) - 8} arrived.")
     try:
-        header = json.loads(data[8 : 8 + size].decode("utf-8"))
+        header = json.loads(bytes(data[8 : 8 + size]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"the frame header is not valid UTF-8 JSON ({err}).") from err
+    except RecursionError as err:
+        raise ProtocolError("the frame header is nested too deeply.") from err
     if not isinstance(header, dict) or not isinstance(header.get("meta"), dict):
         raise ProtocolError("the frame header must be an object with 'protocol', 'meta' and 'arrays'.")
     if header.get("protocol") != PROTOCOL_VERSION:
@@ -162,15 +211,16 @@ def unpack(data: bytes, limits: Limits = Limits()) -> tuple[dict[str, Any], list
     specs = [_array_spec(entry, f"array {n}", limits) for n, entry in enumerate(entries)]
     total = sum(math.prod(shape) * dtype.itemsize for dtype, shape, _, _ in specs)
     if total > limits.max_bytes:
-        raise ProtocolError(f"the arrays declare {total} bytes in all; at most {limits.max_bytes} are accepted.")
-    body = memoryview(data)[8 + size :]
+        raise TooLargeError(f"the arrays declare {total} bytes in all ({total / 2**20:.1f} MiB); at most "
+                            f"{limits.max_bytes} are accepted (on a server, --max-voxels sets it).")  # fmt: skip
+    body = data[8 + size :]
     declared = sum(spec[3] for spec in specs)
     if len(body) != declared:
         state = "truncated" if len(body) < declared else "followed by extra bytes"
         raise ProtocolError(f"the frame body is {state}: its arrays declare {declared} bytes, {len(body)} arrived.")
     arrays, start = [], 0
     for n, ((dtype, shape, codec, nbytes), entry) in enumerate(zip(specs, entries, strict=True)):
-        arrays.append((_decode(bytes(body[start : start + nbytes]), dtype, shape, codec, f"array {n}"), entry))
+        arrays.append((_decode(body[start : start + nbytes], dtype, shape, codec, f"array {n}"), entry))
         start += nbytes
     return header["meta"], arrays
 
@@ -181,10 +231,11 @@ def volume_to_frame(volume: Volume, intensity: str = "hu") -> bytes:
     return pack({"intensity": intensity}, [(array, {"ijk_to_ras": volume.ijk_to_ras.tolist()})])
 
 
-def volume_from_frame(data: bytes, limits: Limits = Limits()) -> tuple[Volume, str]:
+def volume_from_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> tuple[Volume, str]:
     """``(volume, intensity)`` of an upload.
 
     Raises:
+        TooLargeError: the array declares more than ``limits`` allow (see :func:`unpack`).
         ProtocolError: not exactly one 3D array, a bad ``ijk_to_ras`` or intensity. InputError: see :class:`Volume`.
     """
     meta, arrays = unpack(data, limits)

@@ -8,95 +8,66 @@
     POST   /sessions/{id}/report       {"stream": bool} → report JSON, or NDJSON lines {"token"} … {"report"}
     POST   /sessions/{id}/ask          {"question", "history", "kind"} → answer JSON
     POST   /sessions/{id}/segment      {"text", "points", "boxes"} (IJK) → a frame of cropped masks
-    DELETE /sessions/{id}
+    DELETE /sessions/{id}              closes the session and drops the volume's encodings
 
 Every error is JSON ``{"error": {"code", "message"}}`` with a fitting status; never a traceback (that goes to
-the server log). A bearer API key is required whenever the server listens beyond loopback; uploads are
-counted while they stream in and refused past ``max_upload_mb``; one lock serialises the model's work.
+the server log). :mod:`.guard` checks the key and reads the body under its limits before any route runs. The
+model's work runs one job at a time (:class:`ModelJobs`): each job has a time limit, stops between tokens and
+slices when its client leaves, and all stop once a shutdown's grace period has passed.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
+import asyncio
 import json
 import logging
 import queue
 import threading
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from ..errors import CapacityError, InputError, MedVLSAM2Error, ProtocolError, SessionExpiredError, WeightsError
+from ..errors import (
+    CapacityError,
+    InputError,
+    MedVLSAM2Error,
+    ProtocolError,
+    SessionExpiredError,
+    TooLargeError,
+    WeightsError,
+    raise_if_cancelled,
+)
 from ..preprocess import INTENSITIES
 from ..prompts import BoxPrompt, PointPrompt
+from .guard import PROTOCOL_HEADER, UPLOAD_BODY, BodyRules, RequestGuard
 from .protocol import FRAME_MEDIA_TYPE, PROTOCOL_VERSION, Limits, segment_result_to_frame, volume_from_frame
 from .sessions import SessionStore
+from .settings import ServerSettings
 
-__all__ = ["ServerSettings", "create_app", "serve", "PROTOCOL_HEADER"]
+__all__ = ["ServerSettings", "ModelJobs", "create_app", "run_app", "serve", "PROTOCOL_HEADER"]
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_HEADER = "X-MedVLSAM2-Protocol"
+T = TypeVar("T")
 ERRORS: dict[type, tuple[int, str]] = {
+    TooLargeError: (413, "too_large"),
     SessionExpiredError: (404, "session_not_found"),
     ProtocolError: (400, "bad_payload"),
     InputError: (400, "bad_input"),
     CapacityError: (503, "capacity"),
     WeightsError: (500, "weights"),
 }
-
-
-MIN_KEY_LENGTH = 16  # shorter keys can be guessed by trying
-
-
-@dataclass
-class ServerSettings:
-    """How the server listens and what it accepts."""
-
-    host: str = "127.0.0.1"
-    port: int = 8765
-    api_key: str | None = None
-    max_sessions: int = 8
-    idle_timeout_s: float = 1800.0
-    max_upload_mb: float = 1024.0
-    max_voxels: int = 1024 * 1024 * 1024
-
-    def check(self) -> None:
-        """Raises :class:`InputError` for settings a server must not start with (no key beyond loopback)."""
-        if not self.api_key and not _is_loopback(self.host):
-            raise InputError(f"refusing to listen on {self.host} without an API key: anyone on the network could "
-                             "use the model and read uploaded scans. Pass --api-key (or set MEDVLSAM2_API_KEY), "
-                             "or listen on 127.0.0.1.")  # fmt: skip
-        if self.api_key is not None and len(self.api_key) < MIN_KEY_LENGTH:
-            raise InputError(f"the API key has {len(self.api_key)} characters; use at least {MIN_KEY_LENGTH}, random, "
-                             "so it cannot be guessed: python3 -c \"import secrets; "
-                             "print(secrets.token_urlsafe(24))\".")  # fmt: skip
-        for name in ("max_sessions", "idle_timeout_s", "max_upload_mb", "max_voxels"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"{name} must be positive, got {getattr(self, name)}.")
-        if not 0 <= self.port < 65536:
-            raise InputError(f"port must be 0..65535, got {self.port}.")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class ClientGone(Exception):
-    """The client closed a streamed report; raised inside generation to stop it."""
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "too_large"}
+POLL_S = 0.1  # how often a waiting request looks at its deadline and its client
 
 
 class ApiError(Exception):
@@ -115,6 +86,79 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     # the protocol header is set here too: Starlette answers unexpected errors outside the middleware
     headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class ModelJobs:
+    """The model's work, one job at a time. A job waits for the model, runs with a ``cancel`` event of its own, and
+    that event is set when the job's request gives up (time limit, client gone) or when :meth:`stop_all` is called
+    (a shutdown's grace period is over); the engine stops at its next token or slice. Volumes whose sessions closed
+    are dropped from the engine's cache before the next job (:meth:`forget`)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.stopping = threading.Event()
+        self._model = threading.Lock()
+        self._guard = threading.Lock()
+        self._active: set[threading.Event] = set()
+        self._forget: set[str] = set()
+
+    def open(self) -> threading.Event:
+        """A new job's cancel event (already set once the server stops)."""
+        cancel = threading.Event()
+        with self._guard:
+            self._active.add(cancel)
+        if self.stopping.is_set():
+            cancel.set()
+        return cancel
+
+    def close(self, cancel: threading.Event) -> None:
+        """The job of ``cancel`` is over."""
+        with self._guard:
+            self._active.discard(cancel)
+
+    def run(self, work: Callable[[threading.Event], T], cancel: threading.Event, what: str) -> T:
+        """Run ``work(cancel)`` holding the model; waiting for it ends as soon as ``cancel`` is set.
+
+        Raises:
+            Cancelled: ``cancel`` was set before or while ``work`` ran.
+        """
+        while not self._model.acquire(timeout=POLL_S / 2):
+            raise_if_cancelled(cancel, what)
+        try:
+            self._drop_forgotten()
+            raise_if_cancelled(cancel, what)
+            return work(cancel)
+        finally:
+            self._model.release()
+
+    def try_run(self, work: Callable[[], T], timeout_s: float) -> T | None:
+        """``work()`` holding the model if it is free within ``timeout_s``, else ``None`` (never waits behind a job)."""
+        if not self._model.acquire(timeout=timeout_s):
+            return None
+        try:
+            return work()
+        finally:
+            self._model.release()
+
+    def forget(self, key: str) -> None:
+        """Drop the engine's encodings of volume ``key`` before the next job (or now, when the model is free)."""
+        with self._guard:
+            self._forget.add(key)
+        self.try_run(self._drop_forgotten, 0)
+
+    def _drop_forgotten(self) -> None:
+        with self._guard:
+            keys, self._forget = self._forget, set()
+        for key in keys:
+            if self.engine.forget(key):
+                logger.info("dropped the encodings of closed session %s", key[:12])
+
+    def stop_all(self) -> None:
+        """Cancel every job, running or waiting, and every job that starts from now on."""
+        self.stopping.set()
+        with self._guard:
+            for cancel in self._active:
+                cancel.set()
 
 
 class _Strict(BaseModel):
@@ -156,26 +200,26 @@ def _version() -> str:
         return "unknown"
 
 
-def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 — the routes read best together
-    """The FastAPI application serving ``engine`` (anything with the InferenceEngine methods)."""
-    app = FastAPI(title="MedVLSAM2", version=_version(), docs_url=None, redoc_url=None, openapi_url=None)
-    store = SessionStore(settings.max_sessions, settings.idle_timeout_s)
-    model_lock = threading.Lock()
-    upload_limit = int(settings.max_upload_mb * 2**20)
-    limits = Limits(max_voxels=settings.max_voxels, max_arrays=1, max_bytes=4 * settings.max_voxels)
-    decode_slots = threading.BoundedSemaphore(2)  # uploads decoded at once (each may take GiBs)
+def _limits_document(settings: ServerSettings) -> dict[str, Any]:
+    names = ("max_upload_mb", "max_voxels", "max_json_kb", "max_uploads", "body_timeout_s", "request_timeout_s",
+             "max_sessions", "idle_timeout_s", "cache_gb", "max_prompt_tokens", "shutdown_grace_s")  # fmt: skip
+    return {name: getattr(settings, name) for name in names}
 
-    @app.middleware("http")
-    async def protocol_header(request: Request, call_next):  # noqa: ANN001, ANN202
-        spoken = request.headers.get(PROTOCOL_HEADER)
-        if spoken is not None and spoken != str(PROTOCOL_VERSION):
-            message = (f"the client speaks protocol {spoken}, this server {PROTOCOL_VERSION} (MedVLSAM2Lib "
-                       f"{_version()}); install the same version on both sides.")  # fmt: skip
-            response = _error(400, "protocol_mismatch", message)
-        else:
-            response = await call_next(request)
-        response.headers[PROTOCOL_HEADER] = str(PROTOCOL_VERSION)
-        return response
+
+def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 — the routes read best together
+    """The FastAPI application serving ``engine`` (anything with the InferenceEngine methods). ``app.state.jobs`` is
+    its :class:`ModelJobs` (a shutdown calls ``stop_all``)."""
+    app = FastAPI(title="MedVLSAM2", version=_version(), docs_url=None, redoc_url=None, openapi_url=None)
+    jobs = ModelJobs(engine)
+    app.state.jobs = jobs
+    store = SessionStore(settings.max_sessions, settings.idle_timeout_s, on_drop=jobs.forget)
+    limits = Limits(max_voxels=settings.max_voxels, max_arrays=1, max_bytes=4 * settings.max_voxels)
+    decode_slots = threading.BoundedSemaphore(2)  # uploads decoded at once
+    rules = BodyRules(protocol=PROTOCOL_VERSION, version=_version(), api_key=settings.api_key,
+                      max_upload_bytes=int(settings.max_upload_mb * 2**20), max_json_bytes=settings.max_json_kb * 1024,
+                      max_uploads=settings.max_uploads, body_timeout_s=settings.body_timeout_s,
+                      upload_wait_s=settings.request_timeout_s)  # fmt: skip
+    app.add_middleware(RequestGuard, rules=rules)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -190,20 +234,55 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors())
         return _error(400, "bad_request", f"malformed request body ({problems}).")
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        if err.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path} (see GET /capabilities)."
+        elif err.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}."
+        elif isinstance(err.__cause__, RecursionError):
+            message = "the JSON body is nested too deeply."
+        else:
+            message = f"the request body could not be read ({err.detail})."
+        return _error(err.status_code, HTTP_CODES.get(err.status_code, "bad_request"), message)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         logger.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, "internal_error", "the server failed on this request; its log has the details.")
 
-    def authorize(request: Request) -> None:
-        if not settings.api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>' "
-                           "(medvlsam2 --api-key, or MEDVLSAM2_API_KEY).")  # fmt: skip
-
-    guarded = [Depends(authorize)]
+    async def run_model(request: Request, work: Callable[[threading.Event], T], what: str) -> T:
+        """``work(cancel)`` as a model job, answered 504 past ``--request-timeout``, 503 when the server stops;
+        a client that left gets nothing (its job is stopped, one log line)."""
+        cancel, reason = jobs.open(), ""
+        deadline = time.monotonic() + settings.request_timeout_s
+        future = asyncio.ensure_future(run_in_threadpool(jobs.run, work, cancel, what))
+        try:
+            while not future.done():
+                await asyncio.wait({future}, timeout=POLL_S)
+                if future.done() or cancel.is_set():
+                    continue
+                if time.monotonic() > deadline:
+                    reason = "timeout"
+                elif await request.is_disconnected():
+                    reason = "gone"
+                if reason:
+                    cancel.set()
+            return future.result()
+        except MedVLSAM2Error as err:
+            if not cancel.is_set():
+                raise
+            if jobs.stopping.is_set():
+                raise ApiError(503, "shutting_down", f"the server is shutting down; {what} was stopped. Retry once "
+                               "it is back.") from err  # fmt: skip
+            if reason == "timeout":
+                raise ApiError(504, "timeout", f"{what} ran past this server's limit of {settings.request_timeout_s:g} "
+                               "s (--request-timeout) and was stopped.") from err  # fmt: skip
+            logger.info("%s %s: the client left; %s was stopped", request.method, request.url.path, what)
+            raise ApiError(499, "client_gone", "the client closed the connection.") from err
+        finally:
+            cancel.set()
+            jobs.close(cancel)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -211,68 +290,66 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
 
     described = {"model": engine.describe()}
 
-    @app.get("/capabilities", dependencies=guarded)
+    @app.get("/capabilities")
     def capabilities() -> dict:
-        if model_lock.acquire(timeout=0.2):  # never wait behind a running job: report the last known state
-            try:
-                described["model"] = engine.describe()
-            finally:
-                model_lock.release()
-        model = described["model"]
-        return {"protocol": PROTOCOL_VERSION, "version": _version(), "model": model,
+        model = jobs.try_run(engine.describe, 0.2)  # never wait behind a running job: report the last known state
+        described["model"] = model or described["model"]
+        return {"protocol": PROTOCOL_VERSION, "version": _version(), "model": described["model"],
                 "tasks": ["report", "ask", "segment"], "answer_kinds": ["short", "long", "choice"],
                 "intensities": list(INTENSITIES), "sessions": len(store),
-                "limits": {"max_upload_mb": settings.max_upload_mb, "max_sessions": settings.max_sessions,
-                           "idle_timeout_s": settings.idle_timeout_s, "max_voxels": settings.max_voxels}}  # fmt: skip
+                "limits": _limits_document(settings)}  # fmt: skip
 
-    def open_session(data: bytes) -> dict:
+    def decode(body: bytearray) -> tuple[Any, str]:
         with decode_slots:
-            volume, intensity = volume_from_frame(data, limits)
-        with model_lock:
-            handle = engine.encode(volume, intensity)
+            return volume_from_frame(body, limits)
+
+    @app.post("/sessions")
+    async def create_session(request: Request) -> dict:
+        volume, intensity = await run_in_threadpool(decode, request.scope.pop(UPLOAD_BODY))
+        handle = await run_model(request, lambda cancel: engine.encode(volume, intensity, cancel=cancel),
+                                 "encoding the volume")  # fmt: skip
         new = store.put(handle.key, handle)
         return {"session": handle.key, "shape_kji": list(handle.shape_kji), "new": new}
 
-    @app.post("/sessions", dependencies=guarded)
-    async def create_session(request: Request) -> dict:
-        declared = request.headers.get("content-length")
-        too_large = f"the upload exceeds this server's limit of {settings.max_upload_mb:g} MB (--max-upload-mb)."
-        if declared is not None and (not declared.isdigit() or int(declared) > upload_limit):
-            raise ApiError(413, "too_large", too_large)
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > upload_limit:
-                raise ApiError(413, "too_large", too_large)
-        return await run_in_threadpool(open_session, bytes(body))
-
-    @app.delete("/sessions/{session_id}", dependencies=guarded)
+    @app.delete("/sessions/{session_id}")
     def delete_session(session_id: str) -> dict:
         store.remove(session_id)
         return {"deleted": session_id}
 
+    def stream_error(err: MedVLSAM2Error, cancelled: bool, timed_out: bool) -> dict[str, str]:
+        """The error line ending a report stream (a stream cancelled by its client reaches nobody: logged)."""
+        if cancelled and jobs.stopping.is_set():
+            return {"code": "shutting_down", "message": "the server is shutting down; the report was stopped."}
+        if cancelled and timed_out:
+            return {"code": "timeout", "message": f"the report ran past this server's limit of "
+                    f"{settings.request_timeout_s:g} s (--request-timeout) and was stopped."}  # fmt: skip
+        if cancelled:
+            logger.info("report stream closed by the client; generation stopped")
+        return {"code": _status(err)[1], "message": str(err)}
+
     def stream_report(handle: Any, max_new_tokens: int) -> Iterator[bytes]:
         lines: queue.Queue = queue.Queue()
-        gone = threading.Event()
+        cancel = jobs.open()
+        timer = threading.Timer(settings.request_timeout_s, cancel.set)
 
         def on_token(text: str) -> None:
-            if gone.is_set():
-                raise ClientGone()
             lines.put({"token": text})
 
         def work() -> None:
             try:
-                with model_lock:
-                    report = engine.report(handle, on_token=on_token, max_new_tokens=max_new_tokens)
+                report = jobs.run(lambda c: engine.report(handle, on_token=on_token, max_new_tokens=max_new_tokens,
+                                                          cancel=c), cancel, "the report")  # fmt: skip
                 lines.put({"report": asdict(report)})
-            except ClientGone:
-                logger.info("report stream closed by the client; generation stopped")
             except MedVLSAM2Error as err:
-                lines.put({"error": {"code": _status(err)[1], "message": str(err)}})
+                lines.put({"error": stream_error(err, cancel.is_set(), timed_out=not timer.is_alive())})
             except Exception:  # the stream has started: report the failure in it, details to the log
                 logger.exception("internal error while streaming a report")
                 lines.put({"error": {"code": "internal_error", "message": "the server failed; see its log."}})
+            finally:
+                timer.cancel()
+                jobs.close(cancel)
 
+        timer.start()
         threading.Thread(target=work, daemon=True, name="report-stream").start()
         try:
             while True:
@@ -281,33 +358,56 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:  # noqa: C901 
                 if "token" not in line:
                     return
         finally:  # also when the client disconnects: the generator is closed, generation stops at the next token
-            gone.set()
+            cancel.set()
 
-    @app.post("/sessions/{session_id}/report", dependencies=guarded)
-    def report(session_id: str, body: ReportRequest) -> Any:
+    @app.post("/sessions/{session_id}/report")
+    async def report(session_id: str, body: ReportRequest, request: Request) -> Any:
         handle = store.get(session_id).handle
         max_new_tokens = body.max_new_tokens or 512
         if body.stream:
             return StreamingResponse(stream_report(handle, max_new_tokens), media_type="application/x-ndjson")
-        with model_lock:
-            return asdict(engine.report(handle, max_new_tokens=max_new_tokens))
+        result = await run_model(request, lambda cancel: engine.report(handle, max_new_tokens=max_new_tokens,
+                                                                       cancel=cancel), "the report")  # fmt: skip
+        return asdict(result)
 
-    @app.post("/sessions/{session_id}/ask", dependencies=guarded)
-    def ask(session_id: str, body: AskRequest) -> dict:
+    @app.post("/sessions/{session_id}/ask")
+    async def ask(session_id: str, body: AskRequest, request: Request) -> dict:
         handle = store.get(session_id).handle
-        with model_lock:
-            return asdict(engine.ask(handle, body.question, history=body.history, kind=body.kind))
+        answer = await run_model(request, lambda cancel: engine.ask(handle, body.question, history=body.history,
+                                 kind=body.kind, cancel=cancel), "the answer")  # fmt: skip
+        return asdict(answer)
 
-    @app.post("/sessions/{session_id}/segment", dependencies=guarded)
-    def segment(session_id: str, body: SegmentRequest) -> Response:
+    @app.post("/sessions/{session_id}/segment")
+    async def segment(session_id: str, body: SegmentRequest, request: Request) -> Response:
         handle = store.get(session_id).handle
         points = [PointPrompt(p.ijk, p.label) for p in body.points]
         boxes = [BoxPrompt(b.min_ijk, b.max_ijk) for b in body.boxes]
-        with model_lock:
-            result = engine.segment(handle, text=body.text, points=points, boxes=boxes, answer=body.answer)
+        result = await run_model(request, lambda cancel: engine.segment(handle, text=body.text, points=points,
+                                 boxes=boxes, answer=body.answer, cancel=cancel), "the segmentation")  # fmt: skip
         return Response(segment_result_to_frame(result), media_type=FRAME_MEDIA_TYPE)
 
     return app
+
+
+def run_app(app: FastAPI, settings: ServerSettings) -> None:
+    """Serve ``app`` (from :func:`create_app`) until SIGINT or SIGTERM: then no new connections are taken, running
+    and waiting requests get ``shutdown_grace_s`` to finish, the ones still running after it are cancelled (they
+    stop at their next token or slice and are answered 503), and the process exits."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                logger.info("stopping: requests in progress get %g s to finish (--shutdown-grace)",
+                            settings.shutdown_grace_s)  # fmt: skip
+                timer = threading.Timer(settings.shutdown_grace_s, app.state.jobs.stop_all)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s + 5)))  # fmt: skip
+    DrainingServer(config).run()
 
 
 def serve(source: str, settings: ServerSettings, device: str = "auto", dtype: str = "float32") -> None:
@@ -317,14 +417,13 @@ def serve(source: str, settings: ServerSettings, device: str = "auto", dtype: st
         InputError: unsafe or invalid settings (checked before the model loads).
     """
     import torch
-    import uvicorn
 
     from ..engine import InferenceEngine
 
     settings.check()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = InferenceEngine.load(source, device=device, dtype=dtype)
+    engine = InferenceEngine.load(source, device=device, dtype=dtype, cache_bytes=int(settings.cache_gb * 2**30),
+                                  max_prompt_tokens=settings.max_prompt_tokens)  # fmt: skip
     logger.info("serving %s on %s (%s)", source, device, dtype)
-    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_keep_alive=30)  # fmt: skip
+    run_app(create_app(engine, settings), settings)
