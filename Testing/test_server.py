@@ -44,7 +44,8 @@ def server_log(tmp_path_factory) -> Path:  # noqa: ANN001
 @pytest.fixture(scope="module")
 def server(server_log):  # noqa: ANN001, ANN201
     port = free_port()
-    process = start_server(port, "--max-upload-mb", "4", "--max-sessions", "16", log=server_log)
+    process = start_server(port, "--max-upload-mb", "4", "--max-sessions", "16", "--cache-gb", "0.5",
+                           "--max-prompt-tokens", "4096", log=server_log)  # fmt: skip
     yield f"http://127.0.0.1:{port}"
     stop_server(process)
 
@@ -72,7 +73,10 @@ def _same_segmentation(remote, local) -> None:  # noqa: ANN001
 
 def test_remote_results_equal_local_bit_for_bit(server, engine, volumes):
     client = ServerClient(server, KEY)
-    assert client.capabilities()["model"]["preset"] == "tiny"
+    capabilities = client.capabilities()
+    assert capabilities["model"]["preset"] == "tiny"
+    assert (capabilities["model"]["cache_limit_bytes"], capabilities["limits"]["cache_gb"]) == (2**29, 0.5)
+    assert (capabilities["model"]["max_prompt_tokens"], capabilities["limits"]["max_prompt_tokens"]) == (4096, 4096)
     for volume in volumes.values():
         remote, local = client.encode(volume), engine.encode(volume)
         assert remote.key == local.key and remote.shape_kji == local.shape_kji
