@@ -40,7 +40,8 @@ from .config import PRESETS, preset
 from .errors import CapacityError, InputError, TooLargeError, WeightsError, raise_if_cancelled
 from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import AnswerMasks, MedVLSAM2Model, SegTarget
-from .preprocess import GridConfig, GridRecord, probabilities_from_model, sam_input, to_model
+from .model.segmenter import sam_dtype
+from .preprocess import GridConfig, GridRecord, mask_from_probabilities, sam_input, to_model
 from .prompts import BoxPrompt, PointPrompt
 from .results import Answer, ObjectMask, Report, SegmentResult
 from .templates import SEG_TOKEN, load_templates, vqa_question
@@ -261,7 +262,16 @@ class InferenceEngine:
 
     def __init__(self, model: MedVLSAM2Model, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:  # fmt: skip
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, *, fast: bool = True,
+                 compile_decoding: bool = False) -> None:  # fmt: skip
+        """Put ``model`` in eval mode on ``device`` in ``dtype`` (SAM2 stays float32).
+
+        ``fast`` (the default): LoRA merged into the base weights (:meth:`MedVLSAM2Model.merge_lora`; the model's
+        ``train()`` unmerges it again, so a caller who goes on training the model trains it unmerged), greedy
+        decoding on a static KV cache, and the ``[SEG]`` states read while decoding instead of a second pass over the
+        answer. ``False``: the reference path (LoRA unmerged, transformers' ``generate``, the second pass).
+        ``compile_decoding`` (CUDA only): capture the decode step with ``torch.compile(mode="reduce-overhead")``.
+        """
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         if cache_bytes < 0:
@@ -273,6 +283,12 @@ class InferenceEngine:
         model.eval().to(self.device)
         for part in (model.vision, model.projector, model.llm, model.seg_projector):
             part.to(self.dtype)  # SAM2 stays float32 (its position encodings are float32); autocast on GPU
+        self.fast = fast
+        if fast:
+            model.merge_lora()  # after the cast: the merged weights are those of the dtype that runs
+            model.greedy_decoder().compile = compile_decoding and self.device.type == "cuda"
+        else:
+            model.unmerge_lora()
         self.model = model
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
 
@@ -358,7 +374,7 @@ class InferenceEngine:
         raise_if_cancelled(cancel, "encoding the volume")
         config = self.model.config
         grid = GridConfig(spatial_size=config.vision.img_size)
-        image, record = to_model(handle.volume, grid)
+        image, record = to_model(handle.volume, grid, device=self.device)
         raise_if_cancelled(cancel, "encoding the volume")
         image_t = torch.from_numpy(image)[None, None].to(self.device)
         with self._capacity("encoding the volume"), torch.inference_mode(), self._autocast():
@@ -379,17 +395,19 @@ class InferenceEngine:
         if entry.sam_image is None:
             config = self.model.config
             grid = GridConfig(spatial_size=config.vision.img_size)
-            sam_image = sam_input(handle.volume, grid, config.segmenter.window, handle.intensity)
+            sam_image = sam_input(handle.volume, grid, config.segmenter.window, handle.intensity, device=self.device)
             entry.sam_image = torch.from_numpy(sam_image)[None].to(self.device)
             self._evict()
         return entry.sam_image
 
     def _features(self, handle: VolumeHandle, entry: _Encoded, cancel: threading.Event | None = None) -> dict:
-        """SAM2's features of every slice of ``entry``, made on the first segmentation and stored only whole."""
+        """SAM2's features of every slice of ``entry``, made on the first segmentation and stored only whole. SAM2's
+        weights take :func:`~MedVLSAM2Lib.model.segmenter.sam_dtype` first (bfloat16 on CUDA for a bfloat16 engine)."""
         if entry.features is None:
             raise_if_cancelled(cancel, "the segmentation")
             sam_image = self._sam_image(handle, entry)
             raise_if_cancelled(cancel, "the segmentation")
+            self.model.segmenter.sam.to(sam_dtype(self.device, self.dtype))  # a no-op once it has that dtype
             with self._capacity("encoding the slices with SAM2"), torch.inference_mode(), self._autocast():
                 entry.features = self.model.sam_features(sam_image[0])
             self._evict()
@@ -408,8 +426,8 @@ class InferenceEngine:
                                 "--max-prompt-tokens). Shorten the history.")  # fmt: skip
         with self._capacity("generating text"), self._autocast():
             answer = self.model.generate(None, prompt, max_new_tokens=max_new_tokens, on_token=on_token,
-                                         visual=entry.visual, cancel=cancel)  # fmt: skip
-        return prompt, answer
+                                         visual=entry.visual, cancel=cancel, fast=self.fast)  # fmt: skip
+        return prompt, answer  # on the fast path it carries its [SEG] states (GeneratedIds) to _objects
 
     def _decode(self, ids: list[int]) -> str:
         return self.model.tokenizer.decode(ids, skip_special_tokens=False).replace("<|im_end|>", "").strip()
@@ -525,17 +543,20 @@ class InferenceEngine:
         count = answer_ids.count(self.model.tokens.seg)
         if not count:
             return []
+        seg_states = getattr(answer_ids, "seg_states", None)  # read while decoding: no second pass over the answer
         if count > MAX_SEG_OBJECTS:  # a generated answer: the masks of its first MAX_SEG_OBJECTS [SEG] only
             logger.warning("the answer has %d %s tokens; masks for the first %d only", count, SEG_TOKEN,
                            MAX_SEG_OBJECTS)  # fmt: skip
             seg_positions = [n for n, token in enumerate(answer_ids) if token == self.model.tokens.seg]
             answer_ids, count = answer_ids[: seg_positions[MAX_SEG_OBJECTS - 1] + 1], MAX_SEG_OBJECTS
+            seg_states = None if seg_states is None else seg_states[:MAX_SEG_OBJECTS]
         features = self._timed_features(handle, entry, timings, cancel)
         targets = [prompted] + [SegTarget()] * (count - 1)
         mark = time.perf_counter()
         with self._capacity("decoding masks"), self._autocast():
             masks = self.model.segment_answer(None, self._sam_image(handle, entry), prompt, answer_ids, targets,
-                                              visual=entry.visual, features=features, cancel=cancel)  # fmt: skip
+                                              visual=entry.visual, features=features, cancel=cancel,
+                                              seg_states=seg_states)  # fmt: skip
         labels = _labels(text, self._decode(answer_ids), count)
         objects = self._object_masks(masks, labels, entry, probabilities, cancel)
         timings["masks"] = time.perf_counter() - mark
@@ -562,15 +583,13 @@ class InferenceEngine:
 
     def _object_masks(self, masks: AnswerMasks, labels: list[str], entry: _Encoded, probabilities: bool,
                       cancel: threading.Event | None = None) -> list[ObjectMask]:  # fmt: skip
-        """Model-grid masks → :class:`ObjectMask` per label on the volume's grid, with score and per-slice presence."""
-        model_probabilities = masks.probabilities.float().cpu().numpy()
+        """Model-grid masks → :class:`ObjectMask` per label on the volume's grid, with score and per-slice presence;
+        resampled on the engine's device, from which only the uint8 mask (and float16 probabilities) come back."""
         model_presence = masks.object_scores.float().cpu().numpy()  # (n, D)
         objects = []
-        for label, prob, present in zip(labels, model_probabilities, model_presence, strict=True):
+        for label, prob, present in zip(labels, masks.probabilities, model_presence, strict=True):
             raise_if_cancelled(cancel, "the segmentation")
-            on_volume = probabilities_from_model(prob, entry.record)
-            kept = on_volume.astype(np.float16) if probabilities else None
-            mask = (on_volume > 0.5).astype(np.uint8)
+            mask, kept = mask_from_probabilities(prob, entry.record, keep=probabilities)
             presence = slice_presence(present, entry.record)
             objects.append(ObjectMask(label, mask, float(present.max()), kept, presence))
         return objects

@@ -21,6 +21,11 @@ SAM2 sees another image on the same grid: :func:`sam_input`, the one definition 
 engine (and so the CLI, server, Slicer and evaluation): the HU window of the segmenter config, for HU volumes
 and for already normalised ones (M3D-Seg), whose HU scale is first estimated from their fat and soft-tissue peaks.
 
+With a ``device`` (the engine passes its own), :func:`to_model`, :func:`sam_input` and the way back
+(:func:`probabilities_from_model`, :func:`mask_from_probabilities`) resample in torch there: one pass of slabs of the
+stored values gives the range and, from per-axis maxima, the crop; then the sampled slices move there as stored, one
+slab at a time. The same float32 operations in the same order as without, so on the CPU the same values bit for bit.
+
 Coordinates map as ``x_model = (x_crop + 0.5) · n_model / n_crop − 0.5`` per axis, which is exactly
 invertible; masks are inverted with nearest-exact sampling and zero padding outside the crop. Model
 coordinates are given in the order ``(w, h, d)`` = canonical ``(i, j, k)``, like every other IJK
@@ -31,15 +36,19 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import InputError, IntensityScaleError
 from .prompts import BoxPrompt, PointPrompt, check_prompts_inside
 from .volume import INTENSITIES, Volume, orientation_transform, reorient_points
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "INTENSITIES",
@@ -52,6 +61,7 @@ __all__ = [
     "mask_to_model",
     "mask_from_model",
     "probabilities_from_model",
+    "mask_from_probabilities",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +86,10 @@ SAM_INPUT_VERSION = 2
 # Voxels of the source volume read at a time (16 MiB as float32): the forward transform never makes a float copy of
 # the whole volume, only of one slab or slice at a time and of the slices the resize actually samples.
 SLAB_VOXELS = 1 << 22
+# Stored dtypes that torch cannot reduce or compare on every device, and the dtype that holds each of their values
+# exactly (uint64 excepted: beyond 2**53 it rounds) for the device path.
+TORCH_DTYPES = {np.dtype(np.bool_): np.uint8, np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64,
+                np.dtype(np.uint64): np.float64}  # fmt: skip
 
 
 @dataclass
@@ -279,7 +293,85 @@ def _resize_slices(
     return image
 
 
-def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarray, GridRecord]:
+def _tensor(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """``array`` on ``device`` in a dtype that torch reduces and compares there (:data:`TORCH_DTYPES`); no copy on
+    the CPU for a contiguous array of such a dtype in native byte order."""
+    import torch
+
+    dtype = array.dtype.newbyteorder("=")
+    contiguous = np.ascontiguousarray(array, dtype=TORCH_DTYPES.get(dtype, dtype))
+    with warnings.catch_warnings():  # a read-only array (e.g. decoded from a request) is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(contiguous).to(device)
+
+
+def _scan(array: np.ndarray, device: torch.device | str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The minimum and maximum of ``array`` (``(K, J, I)``, as stored) and, per axis, the maximum over the other two
+    axes; computed on ``device`` one slab at a time, slabs cut along the axis slowest in memory. Values as stored
+    (in :data:`TORCH_DTYPES`' dtype where torch lacks the stored one); NaN when any voxel is NaN."""
+    import torch
+
+    axis = int(np.argmax(np.abs(array.strides)))
+    slabs = np.moveaxis(array, axis, 0)  # a view
+    step = max(1, SLAB_VOXELS // (slabs.shape[1] * slabs.shape[2]))
+    lows, along, plane = [], [], None
+    with torch.inference_mode():
+        for k in range(0, slabs.shape[0], step):
+            slab = _tensor(slabs[k : k + step], device)
+            lows.append(slab.amin())
+            along.append(slab.amax(dim=(1, 2)))
+            plane = slab.amax(dim=0) if plane is None else torch.maximum(plane, slab.amax(dim=0))
+        along = torch.cat(along)  # amin, amax and maximum keep NaN
+        extremes = torch.stack([torch.stack(lows).amin(), along.amax()]).cpu().numpy()
+        maxima = [m.cpu().numpy() for m in (along, plane.amax(dim=1), plane.amax(dim=0))]
+    order = np.argsort([axis, *(a for a in range(3) if a != axis)])  # array axis -> position among the slab axes
+    return extremes, [maxima[n] for n in order]
+
+
+def _foreground_box_of_maxima(
+    maxima: list[np.ndarray], ornt: np.ndarray, low: float, transform: Callable[[np.ndarray], np.ndarray] | None
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """:func:`_foreground_box` from :func:`_scan`'s per-axis maxima of the stored array (``(K, J, I)`` axes) and the
+    orientation to canonical: an index along an axis holds a voxel whose float32 value lies above ``low`` exactly
+    when its maximum does (float32 rounding and ``transform`` are non-decreasing)."""
+    box: list[np.ndarray] = [np.empty(0, np.int64)] * 3
+    for axis, maximum in enumerate(maxima):
+        target, flip = ornt[2 - axis]  # ornt is in (i, j, k) order: array axis 2 - n is ijk axis n
+        above = _float32(maximum, transform) > np.float32(low)
+        box[2 - int(target)] = np.flatnonzero(above[::-1] if flip < 0 else above)
+    return tuple(int(a[0]) for a in box), tuple(int(a[-1]) + 1 for a in box)
+
+
+def _resize_slices_on(
+    crop: np.ndarray, size: tuple[int, int, int], prepare: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device | str,
+) -> np.ndarray:  # fmt: skip
+    """:func:`_resize_slices` on ``device``: the slices that the resize along the first axis samples move there as
+    stored, at most :data:`SLAB_VOXELS` voxels at a time, and are turned to float32 by ``prepare`` (in place) there.
+    The same operations in the same order, so on the CPU the same values bit for bit."""
+    import torch
+    import torch.nn.functional as F
+
+    index0, index1, weight0, weight1 = _linear_taps(crop.shape[0], size[0])
+    needed = np.unique(np.concatenate([index0, index1]))
+    step = max(1, SLAB_VOXELS // (crop.shape[1] * crop.shape[2]))
+    with torch.inference_mode():
+        planes = torch.empty((len(needed), *size[1:]), dtype=torch.float32, device=device)
+        for n in range(0, len(needed), step):
+            values = prepare(_tensor(crop[needed[n : n + step]], device).to(torch.float32))
+            if values.shape[1:] != tuple(size[1:]):
+                values = F.interpolate(values[:, None], size=size[1:], mode="bilinear", align_corners=False)[:, 0]
+            planes[n : n + len(values)] = values
+        first, second = np.searchsorted(needed, index0), np.searchsorted(needed, index1)
+        image = torch.empty(size, dtype=torch.float32, device=device)
+        for o in range(size[0]):
+            torch.add(planes[first[o]] * float(weight0[o]), planes[second[o]] * float(weight1[o]), out=image[o])
+        return image.cpu().numpy()
+
+
+def to_model(
+    volume: Volume, config: GridConfig | None = None, *, device: torch.device | str | None = None
+) -> tuple[np.ndarray, GridRecord]:
     """Map a CT volume to the model grid.
 
     Memory: besides the result, one slab (:data:`SLAB_VOXELS`) and the resampled slices; never a copy of the
@@ -289,6 +381,9 @@ def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarr
         volume: the source volume; intensities as read (HU for CT). CT-RATE v2 ``*_fixed`` volumes
             are already HU and must not be rescaled with the metadata slope/intercept again.
         config: grid settings; M3D-CLIP's defaults when omitted.
+        device: ``None``: numpy and torch on the CPU, slab by slab. A torch device: the same transform computed
+            there (:func:`_scan`, :func:`_resize_slices_on`), slabs of the stored values moved to it one at a time;
+            on the CPU it gives the same values bit for bit.
 
     Returns:
         ``(image, record)``: image ``(D, H, W)`` float32 in ``[0, 1]``; the record to map masks and
@@ -297,26 +392,32 @@ def to_model(volume: Volume, config: GridConfig | None = None) -> tuple[np.ndarr
     Raises:
         InputError: the volume is constant (nothing to normalise or crop to).
     """
-    return _to_model(volume, config or GridConfig())
+    return _to_model(volume, config or GridConfig(), device=device)
 
 
 def _to_model(
-    volume: Volume, config: GridConfig, transform: Callable[[np.ndarray], np.ndarray] | None = None
-) -> tuple[np.ndarray, GridRecord]:
-    """:func:`to_model` of the volume's values mapped by ``transform`` (non-decreasing, in place on float32; applied
-    one slab at a time, so the mapped volume is never held whole)."""
+    volume: Volume, config: GridConfig, transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, GridRecord]:  # fmt: skip
+    """:func:`to_model` of the volume's values mapped by ``transform`` (non-decreasing, in place on float32 arrays or
+    tensors; applied one slab at a time, so the mapped volume is never held whole)."""
     where = volume.metadata.get("source_path", "volume")
     canonical, ornt = _canonical(volume.array, volume.ijk_to_ras)
-    extremes = np.array([volume.array.min(), volume.array.max()])  # NaN when any voxel is NaN
+    if device is None:
+        extremes, maxima = np.array([volume.array.min(), volume.array.max()]), None  # NaN when any voxel is NaN
+    else:
+        extremes, maxima = _scan(volume.array, device)
     low, high = _float32(extremes, transform).tolist()  # min and max commute with non-decreasing maps
     if not (np.isfinite(low) and np.isfinite(high)):
         raise InputError(f"{where}: the volume holds NaN or infinite values; fix or mask them before segmenting.")
     if not high > low:
         raise InputError(f"{where}: the volume is constant ({low}); there is no image content to segment.")
-    if config.crop_foreground:
+    if not config.crop_foreground:
+        start, stop = (0, 0, 0), tuple(canonical.shape)
+    elif maxima is None:
         start, stop = _foreground_box(canonical, low, transform)
     else:
-        start, stop = (0, 0, 0), tuple(canonical.shape)
+        start, stop = _foreground_box_of_maxima(maxima, ornt, low, transform)
     if config.intensity == "window":
         low, high = config.window
 
@@ -326,8 +427,17 @@ def _to_model(
         values /= high - low
         return np.clip(values, 0.0, 1.0, out=values) if config.intensity == "window" else values
 
+    def prepare_tensor(values: torch.Tensor) -> torch.Tensor:  # float32, in place: prepare's operations
+        values = values if transform is None else transform(values)
+        values -= low
+        values /= high - low
+        return values.clamp_(0.0, 1.0) if config.intensity == "window" else values
+
     crop = canonical[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
-    image = _resize_slices(crop, config.spatial_size, prepare)
+    if device is None:
+        image = _resize_slices(crop, config.spatial_size, prepare)
+    else:
+        image = _resize_slices_on(crop, config.spatial_size, prepare_tensor, device)
     record = GridRecord(
         original_shape=tuple(volume.array.shape),
         ijk_to_ras=volume.ijk_to_ras.tolist(),
@@ -437,13 +547,17 @@ def _hu_map(array: np.ndarray, where: str) -> Callable[[np.ndarray], np.ndarray]
     return to_hu
 
 
-def sam_input(volume: Volume, grid: GridConfig, window: tuple[float, float], intensity: str = "hu") -> np.ndarray:
+def sam_input(
+    volume: Volume, grid: GridConfig, window: tuple[float, float], intensity: str = "hu", *,
+    device: torch.device | str | None = None,
+) -> np.ndarray:  # fmt: skip
     """SAM2's input image ``(D, H, W)`` float32 in [0, 1] on the model grid of ``to_model(volume, grid)``.
 
     The one definition of what SAM2 sees, in training caches and at inference alike: the volume clipped to the
     HU ``window`` (the segmenter config's) and scaled to [0, 1]. ``intensity="normalized"`` data (M3D-Seg) is first
     put back on an estimated HU scale by :func:`hu_from_normalized`; its crop is unchanged (an increasing affine
-    map keeps the voxels above the minimum), so both images share one grid record.
+    map keeps the voxels above the minimum), so both images share one grid record. ``device``: where the resampling
+    runs, as in :func:`to_model` (the HU estimate reads the stored array with numpy either way).
 
     Raises:
         InputError: unknown ``intensity``; see also :func:`to_model`. IntensityScaleError (an ``InputError``):
@@ -454,7 +568,7 @@ def sam_input(volume: Volume, grid: GridConfig, window: tuple[float, float], int
     to_hu = _hu_map(volume.array, volume.metadata.get("source_path", "volume")) if intensity == "normalized" else None
     windowed = GridConfig(spatial_size=grid.spatial_size, crop_foreground=grid.crop_foreground,
                           intensity="window", window=window)  # fmt: skip
-    return _to_model(volume, windowed, to_hu)[0]
+    return _to_model(volume, windowed, to_hu, device)[0]
 
 
 def _check_shape(array: np.ndarray, expected: tuple[int, ...], what: str) -> None:
@@ -505,9 +619,61 @@ def mask_from_model(mask_model: np.ndarray, record: GridRecord) -> np.ndarray:
     return _to_source_grid(crop, record)
 
 
-def probabilities_from_model(prob_model: np.ndarray, record: GridRecord) -> np.ndarray:
+def probabilities_from_model(
+    prob_model: np.ndarray, record: GridRecord, *, device: torch.device | str | None = None
+) -> np.ndarray:
     """Map soft predictions ``(D, H, W)`` in [0, 1] back to the source grid (KJI), trilinear, float32, 0 outside
-    the crop; threshold at 0.5 for a mask."""
+    the crop; threshold at 0.5 for a mask. ``device``: resample there (:func:`mask_from_probabilities`'s path; the
+    same values on the CPU); ``None``: numpy and torch on the CPU."""
     _check_shape(prob_model, record.spatial_size, "probabilities_from_model")
-    crop = _resize(prob_model.astype(np.float32), record.crop_shape, "trilinear")
-    return _to_source_grid(crop, record)
+    if device is None:
+        crop = _resize(prob_model.astype(np.float32), record.crop_shape, "trilinear")
+        return _to_source_grid(crop, record)
+    import torch
+
+    with torch.inference_mode():
+        crop = _upsample(_tensor(prob_model, device).float(), record)
+        return _source_tensor(crop, record).cpu().numpy()
+
+
+def mask_from_probabilities(
+    prob_model: torch.Tensor, record: GridRecord, *, keep: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The mask of soft predictions ``(D, H, W)`` on the model grid, resampled where the tensor lies: uint8 on the
+    source grid (KJI), 1 where :func:`probabilities_from_model` exceeds 0.5; with ``keep``, also those probabilities
+    as float16. Only these leave the device; on the CPU the values of ``probabilities_from_model(...) > 0.5`` and of
+    its ``astype(np.float16)``."""
+    import torch
+
+    _check_shape(prob_model, record.spatial_size, "mask_from_probabilities")
+    with torch.inference_mode():
+        crop = _upsample(prob_model.float(), record)
+        mask = _source_tensor((crop > 0.5).to(torch.uint8), record).cpu().numpy()
+        return mask, _source_tensor(crop.half(), record).cpu().numpy() if keep else None
+
+
+def _upsample(prob_model: torch.Tensor, record: GridRecord) -> torch.Tensor:
+    """``(D, H, W)`` float32 → the crop's shape, trilinear (:func:`_resize`'s geometry), on the tensor's device."""
+    import torch.nn.functional as F
+
+    if tuple(prob_model.shape) == tuple(record.crop_shape):
+        return prob_model
+    return F.interpolate(prob_model[None, None], size=record.crop_shape, mode="trilinear", align_corners=False)[0, 0]
+
+
+def _source_tensor(crop: torch.Tensor, record: GridRecord) -> torch.Tensor:
+    """:func:`_to_source_grid` in torch, on the crop's device: zeros around the crop, then the inverse orientation
+    (flips, then the axis permutation, as ``nibabel.orientations.apply_orientation`` does), contiguous."""
+    import nibabel.orientations as nio
+    import torch
+
+    canonical = torch.zeros(record.canonical_shape, dtype=crop.dtype, device=crop.device)
+    (k0, j0, i0), (k1, j1, i1) = record.crop_start, record.crop_stop
+    canonical[k0:k1, j0:j1, i0:i1] = crop
+    inverse = nio.ornt_transform(
+        nio.axcodes2ornt(tuple(CANONICAL_AXCODES)), nio.io_orientation(np.asarray(record.ijk_to_ras))
+    )
+    ijk = canonical.permute(2, 1, 0)
+    flips = [axis for axis, flip in enumerate(inverse[:, 1]) if flip < 0]
+    ijk = ijk.flip(flips) if flips else ijk
+    return ijk.permute(*np.argsort(inverse[:, 0]).tolist()).permute(2, 1, 0).contiguous()

@@ -5,7 +5,8 @@ Token rules (used identically in training and inference):
 - the image placeholder ``<image>`` is repeated once per visual token inside the first user turn;
   the embeddings at those positions are replaced by the projector's output;
 - the ``[SEG]`` hidden state is the last-layer state at the position where ``[SEG]`` is the *input*
-  token (Sa2VA's rule), so inference re-reads it from a forward pass over the generated sequence.
+  token (Sa2VA's rule): training reads it from the forward pass over the sequence, greedy inference at the decode
+  step that feeds the generated ``[SEG]`` back in (:mod:`MedVLSAM2Lib.model.decoding`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """MedVL-SAM2: 3D ViT → MLP-Mixer projector → Qwen2 + LoRA → ``[SEG]`` → SAM2 over slices.
 
 Reads top-down: output/batch types, the ``[SEG]`` projector, the model (parts, trainable groups,
-embedding of a conversation, losses, ``forward``), then inference (``generate``, ``segment``).
+embedding of a conversation, losses, ``forward``), then inference (LoRA merging, ``generate``, ``segment``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import InputError, raise_if_cancelled
 from ..prompts import BoxPrompt, PointPrompt
+from .decoding import GreedyDecoder, plain_greedy
 from .language import IGNORE_INDEX, ChatTokens, apply_lora, build_causal_lm, build_tokenizer, encode_conversation
 from .projector import build_projector
 from .segmenter import SlicePrompts, VolumeSegmenter, prepare_slices
 from .vision import VisionEncoder3D
 
-__all__ = ["SegTarget", "Batch", "AnswerMasks", "MedVLSAM2Output", "SegTokenProjector", "MedVLSAM2Model", "STAGE_PARTS"]
+__all__ = ["SegTarget", "Batch", "AnswerMasks", "MedVLSAM2Output", "SegTokenProjector", "GeneratedIds",
+           "MedVLSAM2Model", "STAGE_PARTS"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,14 @@ class MedVLSAM2Output:
     dice_loss: torch.Tensor
     object_loss: torch.Tensor
     mask_logits: torch.Tensor | None = None
+
+
+class GeneratedIds(list[int]):
+    """New token ids of a generation (a plain ``list[int]`` to every reader) and ``seg_states``: the last-layer
+    hidden states ``(n, d_llm)`` of its ``[SEG]`` tokens read while decoding them, or ``None`` where the decoding
+    path did not read them (sampling, beam search, transformers' generate)."""
+
+    seg_states: torch.Tensor | None = None
 
 
 class SegTokenProjector(nn.Module):
@@ -359,6 +369,57 @@ class MedVLSAM2Model(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
+    @property
+    def lora_merged(self) -> bool:
+        """Whether the LoRA deltas (and the new token rows) are merged into the base weights (:meth:`merge_lora`)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return any(m.merged for m in self.llm.modules() if isinstance(m, BaseTunerLayer))
+
+    def merge_lora(self) -> None:
+        """Merge LoRA into the base weights for inference (peft ``merge_adapter``: ``W += B·A·scale`` per target,
+        the trained token rows written into the embedding and head). The wrapper stays: the merged layers skip their
+        LoRA branch, the trainable-token layers their per-call copy of the embedding matrix, and :meth:`unmerge_lora`
+        (or :meth:`train`) takes the deltas out again. Refused in training mode: a merged LoRA gets no gradient."""
+        if self.training or self.llm.training:
+            raise InputError("a model in training mode cannot merge its LoRA (it would train nothing); call eval().")
+        if not self.lora_merged:
+            self.llm.merge_adapter()
+
+    def unmerge_lora(self) -> None:
+        """Take the merged LoRA deltas out of the base weights again (``W -= B·A·scale``: the original weights up to
+        one rounding in their dtype; the token rows are restored exactly)."""
+        if self.lora_merged:
+            self.llm.unmerge_adapter()
+
+    def train(self, mode: bool = True) -> MedVLSAM2Model:
+        """``nn.Module.train``; a merged LoRA is unmerged first, so that a model never trains merged."""
+        if mode and self.lora_merged:
+            logger.info("unmerging LoRA from the base weights for training")
+            self.unmerge_lora()
+        return super().train(mode)
+
+    def state_dict(self, *args: object, **kwargs: object) -> dict:
+        """``nn.Module.state_dict``, refused while LoRA is merged: the base weights then hold the deltas, and a
+        checkpoint of them with the LoRA tensors would apply them twice when loaded."""
+        self._refuse_merged("save or read the weights")
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: object, **kwargs: object) -> object:
+        """``nn.Module.load_state_dict``, refused while LoRA is merged (the loaded LoRA would not reach the base)."""
+        self._refuse_merged("load weights")
+        return super().load_state_dict(*args, **kwargs)
+
+    def _refuse_merged(self, what: str) -> None:
+        if self.lora_merged:
+            raise InputError(f"the model's LoRA is merged for inference; call unmerge_lora() before you {what}.")
+
+    def greedy_decoder(self) -> GreedyDecoder:
+        """The model's static-cache greedy decoder, made on first use; its cache is reused across generations."""
+        if getattr(self, "_greedy", None) is None:
+            self._greedy = GreedyDecoder(self.llm)
+        return self._greedy
+
     def prompt_ids(self, question: str, history: tuple[tuple[str, str], ...] = ()) -> list[int]:
         """ChatML ids of a generation prompt (ends with the assistant header)."""
         ids, _ = encode_conversation(
@@ -379,7 +440,8 @@ class MedVLSAM2Model(nn.Module):
         on_token: Callable[[str], None] | None = None,
         visual: torch.Tensor | None = None,
         cancel: threading.Event | None = None,
-    ) -> list[int]:
+        fast: bool = True,
+    ) -> GeneratedIds:
         """Generate an answer for one volume.
 
         Args:
@@ -391,9 +453,13 @@ class MedVLSAM2Model(nn.Module):
             cancel: checked before the first forward pass and after every token (anything with ``is_set()``);
                 with ``on_token``, right after the callback, so that a callback setting it stops before the next
                 token is computed.
+            fast: greedy decoding runs on :meth:`greedy_decoder` (static KV cache, ``[SEG]`` states read on the
+                way) when the LM's generation config adds nothing to the argmax; ``False``, sampling and beam search
+                go through transformers' ``generate``.
 
         Returns:
-            The new token ids, ending at ``<|im_end|>`` when generation stopped there.
+            The new token ids, ending at ``<|im_end|>`` when generation stopped there; their ``seg_states`` are
+            set on the fast path.
 
         Raises:
             Cancelled: ``cancel`` was set.
@@ -401,6 +467,14 @@ class MedVLSAM2Model(nn.Module):
         raise_if_cancelled(cancel, "the generation")
         ids = torch.tensor([prompt_ids], device=self.vision.cls_token.device)
         embeds = self.embed(image, ids, visual)
+        if fast and not do_sample and num_beams == 1 and plain_greedy(self.llm.generation_config):
+            streamer = _CallbackStreamer(self.tokenizer, on_token, cancel, skip_prompt=False) if on_token else None
+            decoded = self.greedy_decoder().decode(embeds, max_new_tokens=max_new_tokens, streamer=streamer,
+                                                   end_id=self.tokens.im_end, seg_id=self.tokens.seg,
+                                                   cancel=cancel)  # fmt: skip
+            answer = GeneratedIds(decoded.ids)
+            answer.seg_states = decoded.seg_states
+            return answer
         streamer = _CallbackStreamer(self.tokenizer, on_token, cancel) if on_token and num_beams == 1 else None
         out = self.llm.generate(
             inputs_embeds=embeds,
@@ -416,20 +490,21 @@ class MedVLSAM2Model(nn.Module):
             streamer=streamer,
             stopping_criteria=None if cancel is None else _cancel_criteria(cancel),
         )
-        return out[0].tolist()
+        return GeneratedIds(out[0].tolist())
 
     @torch.inference_mode()
     def segment_answer(
         self, image: torch.Tensor | None, sam_image: torch.Tensor, prompt_ids: list[int], answer_ids: list[int],
         targets: list[SegTarget] | None = None, visual: torch.Tensor | None = None, features: dict | None = None,
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | None = None, seg_states: torch.Tensor | None = None,
     ) -> AnswerMasks | None:  # fmt: skip
         """Masks for the ``[SEG]`` tokens of a generated answer, or ``None`` when it has none.
 
-        The ``[SEG]`` hidden states are read from a forward pass over prompt + answer at the positions
-        where ``[SEG]`` is the input token — the rule used in training. ``targets`` carry point/box prompts
-        (model coordinates) per ``[SEG]``; ``visual`` and ``features`` are the volume's cached encodings.
-        ``cancel`` is checked before that pass and before every slice (:class:`~MedVLSAM2Lib.errors.Cancelled`).
+        The ``[SEG]`` hidden states are those at the positions where ``[SEG]`` is the input token — the rule used in
+        training: ``seg_states`` ``(n, d_llm)`` when given (read while decoding, :class:`GeneratedIds`), else from a
+        forward pass over prompt + answer. ``targets`` carry point/box prompts (model coordinates) per ``[SEG]``;
+        ``visual`` and ``features`` are the volume's cached encodings. ``cancel`` is checked before that pass and
+        before every slice (:class:`~MedVLSAM2Lib.errors.Cancelled`).
         """
         ids = torch.tensor([prompt_ids + answer_ids], device=self.vision.cls_token.device)
         positions = (ids[0] == self.tokens.seg).nonzero().flatten()
@@ -437,11 +512,14 @@ class MedVLSAM2Model(nn.Module):
         if len(positions) == 0:
             return None
         raise_if_cancelled(cancel, "the segmentation")
-        hidden = self.hidden_states(self.embed(image, ids, visual), torch.ones_like(ids))
+        if seg_states is not None and len(seg_states) != len(positions):
+            raise InputError(f"the answer has {len(positions)} [SEG] tokens but {len(seg_states)} [SEG] states.")
+        if seg_states is None:
+            seg_states = self.hidden_states(self.embed(image, ids, visual), torch.ones_like(ids))[0, positions]
         targets = targets or [SegTarget() for _ in positions]
         if len(targets) != len(positions):
             raise InputError(f"the answer has {len(positions)} [SEG] tokens but {len(targets)} prompt sets were given.")
-        logits, objects, _ = self._segment_objects(sam_image[0], hidden[0, positions], targets, features, cancel)
+        logits, objects, _ = self._segment_objects(sam_image[0], seg_states, targets, features, cancel)
         return AnswerMasks(torch.sigmoid(logits), torch.sigmoid(objects))
 
     @torch.inference_mode()
@@ -474,18 +552,20 @@ class _CallbackStreamer:
     A character whose UTF-8 bytes span several tokens decodes as U+FFFD until its last byte arrives, so trailing
     U+FFFD is held back until then (or the end): the pieces then join to exactly the decoded answer. ``cancel`` is
     checked after every token: transformers hands a token to the streamer after its stopping criteria, so a callback
-    that sets it would otherwise see one more token computed."""
+    that sets it would otherwise see one more token computed. ``skip_prompt``: the first ``put`` carries the prompt
+    (transformers' ``generate``); :class:`~MedVLSAM2Lib.model.decoding.GreedyDecoder` puts new tokens only."""
 
     def __init__(
         self,
         tokenizer,  # noqa: ANN001
         callback: Callable[[str], None],
         cancel: threading.Event | None = None,
+        skip_prompt: bool = True,
     ) -> None:
         self.tokenizer, self.callback, self.cancel = tokenizer, callback, cancel
         self.ids: list[int] = []
         self.text = ""
-        self.prompt_seen = False
+        self.prompt_seen = not skip_prompt
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompt (empty with inputs_embeds)

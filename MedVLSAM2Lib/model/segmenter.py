@@ -7,9 +7,12 @@
   alone prompt SAM2 as in SAM2's own interactive mode: the prompted slice conditions, memory tracks the rest;
   with ``prompt_object_token``, the prompted slice's object pointer also takes the ``[SEG]`` embedding's slot on
   the tracked slices.
-- Slices run through SAM2's ``_track_step`` with memory attention: the prompted slices (or, with
+- Slices run through what SAM2's ``_track_step`` computes, with memory attention: the prompted slices (or, with
   text only, the middle slice) are conditioning slices; tracking then goes outward in both
   directions. The same code runs in training (differentiable) and inference.
+- Speed and memory: the image encoder runs a chunk of slices at a time; the per-slice step reads views of the
+  cached features (no copies) and takes the mask decoder's logits before the object-score gate from the decoder's
+  own output (no forward hook). On CUDA a bfloat16 engine runs SAM2 in bfloat16 (:func:`sam_dtype`).
 - Object-score pitfall: SAM2 replaces the mask of a slice it scores as "no object" by a constant
   (−1024), which carries no gradient. The object-score logits are therefore returned for a loss of
   their own (``MedVLSAM2Model``), and randomly initialised models start with a positive score bias.
@@ -28,10 +31,12 @@ from torch import nn
 from ..config import SegmenterConfig
 from ..errors import raise_if_cancelled
 
-__all__ = ["SlicePrompts", "VolumeSegmenter", "build_sam2", "prepare_slices"]
+__all__ = ["SlicePrompts", "VolumeSegmenter", "build_sam2", "prepare_slices", "sam_dtype"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NO_OBJECT_SCORE = -1024.0  # SAM2's mask logit of a slice scored as empty (sam2_base.NO_OBJ_SCORE)
+ENCODE_CHUNK = 8  # slices per image-encoder batch: the paper's 32 slices in 4 batches
 
 
 def build_sam2(config: SegmenterConfig) -> nn.Module:
@@ -124,6 +129,14 @@ def build_sam2(config: SegmenterConfig) -> nn.Module:
     return sam
 
 
+def sam_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """SAM2's weight dtype in an inference engine on ``device`` that runs ``dtype``: bfloat16 on CUDA for a bfloat16
+    engine, where SAM2 always runs under the engine's bfloat16 autocast (which SAM2's float32 position encodings
+    need; it then casts no weights per call, and the cached features are bfloat16); float32 everywhere else (CPU,
+    MPS, float16 and float32 engines), as in training."""
+    return torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else torch.float32
+
+
 def _init_position_embedding(trunk: nn.Module) -> None:
     """A fixed unit-scale random draw for Hiera's absolute position embedding, which ``sam2`` starts at zero.
 
@@ -207,23 +220,57 @@ class SegmenterOutput:
     decoder_logits: torch.Tensor
 
 
-class VolumeSegmenter(nn.Module):
-    """SAM2 run slice by slice with memory, conditioned on ``[SEG]`` embeddings."""
+@dataclass
+class _Pass:
+    """What the slices of one pass share: the volume's features, the object count and the mask decoder's dense
+    positional encoding (which SAM2 would make again for every slice)."""
 
-    def __init__(self, config: SegmenterConfig, memory: bool = True) -> None:
+    features: dict
+    batch: int
+    image_pe: torch.Tensor
+
+
+class VolumeSegmenter(nn.Module):
+    """SAM2 run slice by slice with memory, conditioned on ``[SEG]`` embeddings.
+
+    Attributes:
+        encode_chunk: slices per image-encoder batch in :meth:`encode` (its activations set the memory peak).
+    """
+
+    def __init__(self, config: SegmenterConfig, memory: bool = True, encode_chunk: int = ENCODE_CHUNK) -> None:
         super().__init__()
         self.config = config
         self.memory = memory
+        self.encode_chunk = encode_chunk
         self.sam = build_sam2(config)
 
     def encode(self, slices: torch.Tensor) -> dict:
-        """Image-encoder features of all slices at once (batched; cache them per volume).
+        """Image-encoder features of all slices, ``encode_chunk`` slices per batch (cache them per volume).
+
+        Each slice's features are stored contiguously (``feats[level][:, z : z + 1]`` is a contiguous view, what
+        SAM2's per-slice step reads without a copy); the position encoding, the same for every slice, is stored once,
+        for the lowest resolution only (the one level that memory attention reads).
 
         Args:
             slices: ``(D, 3, S, S)`` from :func:`prepare_slices`.
+
+        Returns:
+            ``feats``: per level ``(HW, D, C)``; ``pos``: ``[(HW, 1, C)]``; ``sizes``: per level ``(H, W)``;
+            ``num_slices``: ``D``.
         """
-        _, feats, pos, sizes = self.sam._prepare_backbone_features(self.sam.forward_image(slices))
-        return {"feats": feats, "pos": pos, "sizes": sizes, "num_slices": slices.shape[0]}
+        depth = slices.shape[0]
+        levels: list[torch.Tensor] = []
+        for start in range(0, depth, self.encode_chunk):
+            _, feats, pos, sizes = self.sam._prepare_backbone_features(
+                self.sam.forward_image(slices[start : start + self.encode_chunk])
+            )
+            if not levels:
+                levels = [f.new_empty(depth, f.shape[0], f.shape[2]) for f in feats]  # slice-major
+                top = pos[-1][:, :1].contiguous()
+            for level, f in zip(levels, feats, strict=True):
+                level[start : start + f.shape[1]] = f.transpose(0, 1)
+        return {"feats": [level.transpose(0, 1) for level in levels], "pos": [top], "sizes": sizes,
+                "num_slices": depth}  # fmt: skip
 
     def forward(
         self, features: dict, language: torch.Tensor | None, prompts: dict[int, SlicePrompts] | None = None, *,
@@ -252,7 +299,8 @@ class VolumeSegmenter(nn.Module):
         encoder.language_tokens = None if language is None else language[:, None, :]
         object_token = language is None and self.config.prompt_object_token
         try:
-            outputs = self._run(features, prompts, depth, batch, object_token, cancel)
+            run = _Pass(features, batch, encoder.get_dense_pe())
+            outputs = self._run(run, prompts, depth, object_token, cancel)
         finally:
             encoder.language_tokens = None
         masks = torch.stack([outputs[z]["pred_masks"][:, 0] for z in range(depth)], dim=1)
@@ -267,8 +315,8 @@ class VolumeSegmenter(nn.Module):
         backward = [(z, True) for z in range(cond[0] - 1, -1, -1)]
         return cond, forward + backward
 
-    def _run(self, features: dict, prompts: dict[int, SlicePrompts], depth: int, batch: int,
-             object_token: bool = False, cancel: threading.Event | None = None) -> dict[int, dict]:  # fmt: skip
+    def _run(self, run: _Pass, prompts: dict[int, SlicePrompts], depth: int, object_token: bool = False,
+             cancel: threading.Event | None = None) -> dict[int, dict]:  # fmt: skip
         """``object_token``: after the conditioning slices, their mean object pointer is the tracked slices' token.
         ``cancel`` is checked before each slice."""
         memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
@@ -278,7 +326,7 @@ class VolumeSegmenter(nn.Module):
             cond, order = list(range(depth)), []
         for z in cond:
             raise_if_cancelled(cancel, f"the segmentation (after {len(outputs)} of {depth} slices)")
-            outputs[z] = self._step(features, z, True, prompts.get(z), memory, batch, reverse=False)
+            outputs[z] = self._step(run, z, True, prompts.get(z), memory, reverse=False)
             memory["cond_frame_outputs"][z] = outputs[z]
         if object_token:
             pointer = torch.stack([outputs[z]["obj_ptr"] for z in cond]).mean(dim=0)
@@ -289,37 +337,46 @@ class VolumeSegmenter(nn.Module):
             # backward sweep must not read slices beyond the conditioning slice as if they were behind it
             bank = backward if reverse else memory
             raise_if_cancelled(cancel, f"the segmentation (after {len(outputs)} of {depth} slices)")
-            outputs[z] = self._step(features, z, False, None, bank, batch, reverse=reverse)
+            outputs[z] = self._step(run, z, False, None, bank, reverse=reverse)
             bank["non_cond_frame_outputs"][z] = outputs[z]
         return outputs
 
+    def _prompt_embeddings(self, run: _Pass, prompt: SlicePrompts | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse and dense prompt embeddings of one slice; a slice without points gets SAM2's padding point."""
+        if prompt is None:
+            device = run.image_pe.device
+            points = (torch.zeros(run.batch, 1, 2, device=device),
+                      -torch.ones(run.batch, 1, dtype=torch.int32, device=device))  # fmt: skip
+        else:
+            points = (prompt.coords, prompt.labels)
+        return self.sam.sam_prompt_encoder(points=points, boxes=None, masks=None)
+
     def _step(
-        self,
-        features: dict,
-        z: int,
-        is_cond: bool,
-        prompt: SlicePrompts | None,
-        memory: dict,
-        batch: int,
-        reverse: bool,
+        self, run: _Pass, z: int, is_cond: bool, prompt: SlicePrompts | None, memory: dict, reverse: bool
     ) -> dict:
-        """One slice through ``SAM2Base._track_step`` + memory encoding, keeping the object score (which
-        ``track_step`` drops in training mode)."""
-        sam = self.sam
-        feats = [f[:, z : z + 1].expand(-1, batch, -1).contiguous() for f in features["feats"]]
-        pos = [p[:, z : z + 1].expand(-1, batch, -1).contiguous() for p in features["pos"]]
-        point_inputs = None if prompt is None else {"point_coords": prompt.coords, "point_labels": prompt.labels}
-        decoded = []
-        hook = sam.sam_mask_decoder.register_forward_hook(lambda _m, _i, output: decoded.append(output[0]))
-        try:
-            out, sam_outputs, _, _ = sam._track_step(
-                z, is_cond, feats, pos, features["sizes"], point_inputs, None, memory, features["num_slices"],
-                reverse, None,
-            )  # fmt: skip
-        finally:
-            hook.remove()
-        _, _, _, low_res, high_res, obj_ptr, object_logits = sam_outputs
-        out.update(pred_masks=low_res, pred_masks_high_res=high_res, obj_ptr=obj_ptr, object_score_logits=object_logits,
-                   decoder_masks=decoded[-1].float())  # fmt: skip
-        sam._encode_memory_in_output(feats, features["sizes"], point_inputs, True, high_res, object_logits, out)
-        return out
+        """One slice: what ``SAM2Base._track_step`` + ``_encode_memory_in_output`` compute for SAM2.1's settings
+        (single-mask output, hard object-score gate, fixed no-object pointer), on views of the cached features, and
+        keeping the object score (which ``track_step`` drops in training mode) and the mask decoder's logits before
+        the gate (:class:`SegmenterOutput`)."""
+        sam, features, batch = self.sam, run.features, run.batch
+        feats = [f[:, z : z + 1].expand(-1, batch, -1) for f in features["feats"]]
+        pos = [features["pos"][-1].expand(-1, batch, -1)]
+        sizes = features["sizes"]
+        high_res = [x.permute(1, 2, 0).view(batch, x.size(2), *size)
+                    for x, size in zip(feats[:-1], sizes[:-1], strict=True)]  # fmt: skip
+        pix_feat = sam._prepare_memory_conditioned_features(
+            z, is_cond, feats[-1:], pos, sizes[-1:], memory, features["num_slices"], reverse
+        )
+        sparse, dense = self._prompt_embeddings(run, prompt)
+        decoded, _, tokens, object_logits = sam.sam_mask_decoder(
+            image_embeddings=pix_feat, image_pe=run.image_pe, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=False, repeat_image=False, high_res_features=high_res,
+        )  # fmt: skip
+        shown = object_logits > 0
+        low_res = torch.where(shown[:, None, None], decoded, NO_OBJECT_SCORE).float()
+        high_res_masks = F.interpolate(low_res, size=(sam.image_size,) * 2, mode="bilinear", align_corners=False)
+        appearing = shown.float()
+        obj_ptr = appearing * sam.obj_ptr_proj(tokens[:, 0]) + (1 - appearing) * sam.no_obj_ptr
+        maskmem, maskmem_pos = sam._encode_new_memory(feats, sizes, high_res_masks, object_logits, prompt is not None)
+        return {"maskmem_features": maskmem, "maskmem_pos_enc": maskmem_pos, "obj_ptr": obj_ptr, "pred_masks": low_res,
+                "object_score_logits": object_logits, "decoder_masks": decoded.float()}  # fmt: skip
