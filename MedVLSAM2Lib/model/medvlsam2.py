@@ -304,7 +304,7 @@ class MedVLSAM2Model(nn.Module):
         if seg_tokens is None and any(t.language for t in targets):
             raise InputError("objects segmented through their [SEG] state need [SEG] hidden states.")
         features = self.sam_features(sam_image) if features is None else features
-        # SAM2 runs in float32 (its position encodings build float32 tensors); use autocast for speed on GPU.
+        # SAM2 runs in float32, or bfloat16 on CUDA (segmenter.sam_dtype).
         language = None if seg_tokens is None else self.seg_projector(seg_tokens).float()  # (n, d_sam)
         masks: list[torch.Tensor | None] = [None] * len(targets)
         objects: list[torch.Tensor | None] = [None] * len(targets)
