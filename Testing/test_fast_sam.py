@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from test_preprocess import _random_affine
 
 from MedVLSAM2Lib import engine as engine_module
 from MedVLSAM2Lib.config import preset
@@ -224,14 +225,6 @@ def test_sam2_runs_in_bfloat16_only_on_cuda_in_a_bfloat16_engine(engine):
     assert sam_dtype(torch.device("mps"), torch.bfloat16) == torch.float32
     engine.segment(engine.encode(read_volume(default_inputs()[0])), text="liver", answer=SEG)
     assert {p.dtype for p in engine.model.segmenter.parameters()} == {torch.float32}  # the CPU path is unchanged
-
-
-def _random_affine(rng: np.random.Generator, axes: tuple[int, int, int]) -> np.ndarray:
-    affine = np.eye(4)
-    affine[:3, :3] = 0
-    for column, row in enumerate(axes):
-        affine[row, column] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 3.0)
-    return affine
 
 
 def _same_on_device(volume: Volume, config: GridConfig) -> None:
