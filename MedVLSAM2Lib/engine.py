@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, preset
-from .errors import Cancelled, CapacityError, InputError, TooLargeError, WeightsError, raise_if_cancelled
+from .errors import CapacityError, InputError, TooLargeError, WeightsError, raise_if_cancelled
 from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import AnswerMasks, MedVLSAM2Model, SegTarget
 from .model.segmenter import sam_dtype
@@ -74,10 +74,6 @@ DEFAULT_MAX_PROMPT_TOKENS = 8192
 MAX_SEG_OBJECTS = 16
 # A CT in Hounsfield units spans air (about -1000) to bone (hundreds); these bounds reject images that are not.
 CT_MIN_RANGE_HU = 200.0
-# Report tokens that InferenceEngine.warmup generates (through the decode step: enough for a compiled step to be
-# captured as a CUDA graph and replayed), and its synthetic CT's slices per model-grid slice.
-WARMUP_TOKENS = 8
-WARMUP_SLICES_PER_MODEL_SLICE = 2
 
 
 @dataclass(frozen=True)
@@ -263,9 +259,6 @@ def _labels(text: str | None, answer: str, count: int) -> list[str]:
 
 class InferenceEngine:
     """Runs a :class:`MedVLSAM2Model` on volumes; see the module docstring."""
-
-    load_seconds: float | None = None  # set by load(): checkpoint (or preset) to ready
-    warmup_seconds: float | None = None  # set by warmup(): its total
 
     def __init__(self, model: MedVLSAM2Model, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", cache_bytes: int = DEFAULT_CACHE_BYTES,
