@@ -170,8 +170,10 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def createLocal(weights, device, cancel=None):
-        """An InferenceEngine over a weights folder (or a preset name) on ``device`` (auto, cuda, cpu); ``cancel``
-        (a ``threading.Event``) stops loading between its steps."""
+        """An InferenceEngine over a weights folder (or a preset name) on ``device`` (auto, cuda, cpu), warmed up
+        (``InferenceEngine.warmup``) so that the first request is as fast as the next; ``cancel`` (a
+        ``threading.Event``) stops loading and warming between their steps. Call it on the worker thread: the one
+        that runs the requests then holds the warm per-thread CUDA state."""
         import torch
 
         from MedVLSAM2Lib.engine import InferenceEngine
@@ -179,7 +181,9 @@ class MedVLSAM2Logic(ScriptedLoadableModuleLogic):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        return InferenceEngine.load(weights, device=device, dtype=dtype, cancel=cancel)
+        engine = InferenceEngine.load(weights, device=device, dtype=dtype, cancel=cancel)
+        engine.warmup(cancel=cancel)
+        return engine
 
     @staticmethod
     def createRemote(url, apiKey):
@@ -441,8 +445,10 @@ class MedVLSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Runs on the main thread once loading or connecting succeeded (a cancelled one never gets here)."""
         self.logic.scene.backend = backend
         description = backend.describe()
-        self.ui.backendStatusLabel.text = ", ".join(f"{k}: {v}" for k, v in description.items()
-                                                     if k in ("preset", "device", "dtype", "server"))  # fmt: skip
+        status = ", ".join(f"{k}: {v}" for k, v in description.items() if k in ("preset", "device", "dtype", "server"))
+        if getattr(backend, "warmup_seconds", None) is not None:  # a local engine: how long it took to be ready
+            status += f"; loaded in {backend.load_seconds:.1f} s, warm in {backend.warmup_seconds:.1f} s"
+        self.ui.backendStatusLabel.text = status
 
     def consentToUpload(self, volumeNode):
         """Ask once per volume before its voxels leave this computer for a remote server."""

@@ -31,13 +31,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from .config import PRESETS, preset
-from .errors import CapacityError, InputError, TooLargeError, WeightsError, raise_if_cancelled
+from .errors import Cancelled, CapacityError, InputError, TooLargeError, WeightsError, raise_if_cancelled
 from .evaluation.choice import parse_choice, question_options
 from .model.medvlsam2 import AnswerMasks, MedVLSAM2Model, SegTarget
 from .model.segmenter import sam_dtype
@@ -74,6 +75,10 @@ DEFAULT_MAX_PROMPT_TOKENS = 8192
 MAX_SEG_OBJECTS = 16
 # A CT in Hounsfield units spans air (about -1000) to bone (hundreds); these bounds reject images that are not.
 CT_MIN_RANGE_HU = 200.0
+# Report tokens that InferenceEngine.warmup generates (through the decode step: enough for a compiled step to be
+# captured as a CUDA graph and replayed), and its synthetic CT's slices per model-grid slice.
+WARMUP_TOKENS = 8
+WARMUP_SLICES_PER_MODEL_SLICE = 2
 
 
 @dataclass(frozen=True)
@@ -260,6 +265,9 @@ def _labels(text: str | None, answer: str, count: int) -> list[str]:
 class InferenceEngine:
     """Runs a :class:`MedVLSAM2Model` on volumes; see the module docstring."""
 
+    load_seconds: float | None = None  # set by load(): checkpoint (or preset) to ready
+    warmup_seconds: float | None = None  # set by warmup(): its total
+
     def __init__(self, model: MedVLSAM2Model, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", cache_bytes: int = DEFAULT_CACHE_BYTES,
                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, *, fast: bool = True,
@@ -300,17 +308,20 @@ class InferenceEngine:
     ) -> InferenceEngine:  # fmt: skip
         """An engine over a preset (random weights) or a checkpoint folder. ``cancel`` is checked before any work,
         between the load steps (language model, model, ViT, SAM2 and trained weights) and before the move to
-        ``device``.
+        ``device``. The engine keeps the seconds it took in ``load_seconds``; :meth:`warmup` is the next step.
 
         Raises:
             InputError: unknown preset/device/dtype. WeightsError: an unreadable or incomplete weights folder.
             Cancelled: ``cancel`` was set (the half-loaded model is dropped).
         """
+        start = time.perf_counter()
         device = _resolve_device(device)
         _resolve_dtype(dtype, device)
         model = load_model(source, cancel=cancel)
         raise_if_cancelled(cancel, "loading the model")
-        return cls(model, device, dtype, cache_bytes, max_prompt_tokens)
+        engine = cls(model, device, dtype, cache_bytes, max_prompt_tokens)
+        engine.load_seconds = time.perf_counter() - start
+        return engine
 
     # ------------------------------------------------------------------ cache
 
@@ -601,3 +612,91 @@ class InferenceEngine:
                 "grid": list(config.vision.img_size), "cached_volumes": len(self._cache),
                 "cached_bytes": self.cached_bytes, "cache_limit_bytes": self.cache_bytes,
                 "max_prompt_tokens": self.max_prompt_tokens}  # fmt: skip
+
+    # ------------------------------------------------------------------ warmup
+
+    def warmup(self, *, cancel: threading.Event | None = None) -> dict[str, float]:
+        """Run the whole pipeline once on a small synthetic CT, so that the first user request finds it warm (CUDA
+        kernels loaded, cuDNN's algorithm choices made, a compiled decode step captured, SAM2 in its dtype, the KV
+        cache as large as a report needs), then drop that volume from the cache: the engine keeps no state of it.
+        Call it once, right after :meth:`load`: its volume passes through the cache like any other, so an engine
+        whose cache is full evicts its oldest volume for it.
+
+        The steps: encode the volume, a report of :data:`WARMUP_TOKENS` tokens (on a KV cache sized for a whole
+        report), a text segmentation with a given answer (SAM2's image encoder, the ``[SEG]`` path) and a box alone
+        (SAM2's interactive path). ``cancel`` is checked between and inside the steps, as each task checks it.
+
+        Returns:
+            Seconds per step (``encode``, ``report``, ``segment``, ``refine``) and their ``total``, also kept in
+            ``warmup_seconds``.
+
+        Raises:
+            Cancelled: ``cancel`` was set (the synthetic volume is dropped all the same).
+        """
+        volume = self._warmup_volume(self.model.config.vision.img_size)
+        shape_i, shape_j, shape_k = volume.shape_ijk
+        box = BoxPrompt((shape_i * 0.25, shape_j * 0.3, shape_k // 2), (shape_i * 0.45, shape_j * 0.6, shape_k // 2))
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        handle = None
+        try:
+            handle = self.encode(volume, cancel=cancel)
+            seconds["encode"] = self._synchronized_since(start)
+            steps = {
+                "report": lambda: self._warmup_report(handle, cancel),
+                "segment": lambda: self.segment(handle, text="liver", answer=prompt_answer(), cancel=cancel),
+                "refine": lambda: self.segment(handle, boxes=[box], cancel=cancel),
+            }
+            for name, step in steps.items():
+                mark = time.perf_counter()
+                step()
+                seconds[name] = self._synchronized_since(mark)
+        finally:
+            if handle is not None:
+                self.forget(handle.key)
+        seconds["total"] = time.perf_counter() - start
+        self.warmup_seconds = seconds["total"]
+        logger.info("warm in %.1f s (%s)", seconds["total"], ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+        return seconds
+
+    def _synchronized_since(self, start: float) -> float:
+        """Seconds since ``start`` once the device has finished the work queued on it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def _warmup_report(self, handle: VolumeHandle, cancel: threading.Event | None) -> None:
+        """A report asked for with the default length (so the KV cache is sized for one) and stopped after
+        :data:`WARMUP_TOKENS` streamed pieces, through the report's own cancel check after each token."""
+        pieces: list[str] = []
+        enough = threading.Event()
+
+        def on_token(text: str) -> None:
+            pieces.append(text)
+            if len(pieces) >= WARMUP_TOKENS:
+                enough.set()
+
+        stop = SimpleNamespace(is_set=lambda: enough.is_set() or (cancel is not None and cancel.is_set()))
+        try:
+            self.report(handle, on_token, cancel=stop)  # the engine takes anything with is_set() as cancel
+        except Cancelled:
+            if not enough.is_set() or (cancel is not None and cancel.is_set()):
+                raise
+
+    @staticmethod
+    def _warmup_volume(img_size: tuple[int, int, int]) -> Volume:
+        """A CT-like volume in HU (int16, KJI) with :data:`WARMUP_SLICES_PER_MODEL_SLICE` slices per model-grid
+        slice and the grid's rows and columns: air around an elliptic body of soft tissue, two lungs in its upper
+        part, a vertebra and noise, on a 1.5 mm × 1.5 mm × 5 mm grid stored as DICOM series are (LPS axes)."""
+        depth, rows, cols = img_size
+        slices = depth * WARMUP_SLICES_PER_MODEL_SLICE
+        k, j, i = np.ogrid[:slices, :rows, :cols]
+        x, y = (i - cols / 2) / (cols / 2), (j - rows / 2) / (rows / 2)  # (1, 1, cols), (1, rows, 1)
+        array = np.full((slices, rows, cols), -1000, dtype=np.int16)
+        array[:, ((x / 0.9) ** 2 + (y / 0.7) ** 2 < 1)[0]] = 40
+        lungs = (((np.abs(x) - 0.42) / 0.3) ** 2 + (y / 0.45) ** 2 < 1) & (k >= slices * 0.4)
+        array[lungs] = -850
+        array[:, (x**2 + (y - 0.5) ** 2 < 0.1**2)[0]] = 700
+        array += np.random.default_rng(0).normal(0, 15, array.shape).astype(np.int16)
+        ijk_to_ras = np.diag([-1.5, -1.5, 5.0, 1.0])
+        return Volume(array, ijk_to_ras, {"source_path": "warmup volume (synthetic)"})

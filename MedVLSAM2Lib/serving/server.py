@@ -411,7 +411,8 @@ def run_app(app: FastAPI, settings: ServerSettings) -> None:
 
 
 def serve(source: str, settings: ServerSettings, device: str = "auto", dtype: str = "float32") -> None:
-    """Load ``source`` (checkpoint folder or preset) and serve it until interrupted.
+    """Load ``source`` (checkpoint folder or preset), warm it up (:meth:`InferenceEngine.warmup`, so that the first
+    request is as fast as the next) and serve it until interrupted; the log says how long loading and warming took.
 
     Raises:
         InputError: unsafe or invalid settings (checked before the model loads).
@@ -425,5 +426,7 @@ def serve(source: str, settings: ServerSettings, device: str = "auto", dtype: st
         device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = InferenceEngine.load(source, device=device, dtype=dtype, cache_bytes=int(settings.cache_gb * 2**30),
                                   max_prompt_tokens=settings.max_prompt_tokens)  # fmt: skip
+    warm = engine.warmup()["total"]  # before listening: the first request finds the pipeline warm
+    logger.info("loaded in %.1f s, warm in %.1f s", engine.load_seconds, warm)
     logger.info("serving %s on %s (%s)", source, device, dtype)
     run_app(create_app(engine, settings), settings)
