@@ -29,7 +29,7 @@ from types import FrameType
 from .errors import InputError, MedVLSAM2Error
 from .machine import unsupported_capability
 from .serving.settings import ServerSettings
-from .volume import INTENSITIES
+from .volume import INTENSITIES, check_ct
 
 __all__ = ["main"]
 
@@ -227,9 +227,9 @@ def _open(args: argparse.Namespace, points: Sequence = (), boxes: Sequence = ())
             engine = ServerClient(args.server, args.api_key)  # requests and numpy only: no torch to import
             bar.update()
         else:
-            from .engine import InferenceEngine, check_ct
+            check_ct(volume, args.intensity)  # before torch is imported: a file that is no CT fails in a second
+            from .engine import InferenceEngine
 
-            check_ct(volume, args.intensity)
             bar.update()
             engine = InferenceEngine.load(args.weights or args.preset, device=args.device, dtype=args.dtype)
         bar.update()

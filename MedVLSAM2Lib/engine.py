@@ -46,7 +46,7 @@ from .preprocess import GridConfig, GridRecord, mask_from_probabilities, sam_inp
 from .prompts import BoxPrompt, PointPrompt
 from .results import Answer, ObjectMask, Report, SegmentResult
 from .templates import SEG_TOKEN, load_templates, vqa_question
-from .volume import INTENSITIES, Volume
+from .volume import Volume, check_ct
 
 __all__ = [
     "InferenceEngine",
@@ -55,7 +55,6 @@ __all__ = [
     "Answer",
     "ObjectMask",
     "SegmentResult",
-    "check_ct",
     "prompt_answer",
     "slice_presence",
 ]
@@ -73,8 +72,6 @@ SEGMENT_TOKENS = 48
 DEFAULT_MAX_PROMPT_TOKENS = 8192
 # Masks one answer may ask for: each [SEG] runs SAM2 over every slice of the volume.
 MAX_SEG_OBJECTS = 16
-# A CT in Hounsfield units spans air (about -1000) to bone (hundreds); these bounds reject images that are not.
-CT_MIN_RANGE_HU = 200.0
 # Report tokens that InferenceEngine.warmup generates (through the decode step: enough for a compiled step to be
 # captured as a CUDA graph and replayed), and its synthetic CT's slices per model-grid slice.
 WARMUP_TOKENS = 8
@@ -108,28 +105,6 @@ class _Encoded:
         if self.features is not None:
             tensors += [*self.features["feats"], *self.features["pos"]]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def check_ct(volume: Volume, intensity: str = "hu") -> None:
-    """Reject what cannot be a CT volume for this model: fewer than 2 voxels along an axis, non-finite
-    voxels, or (``intensity="hu"``) a range too narrow for Hounsfield units; an already normalised volume
-    (``intensity="normalized"``, e.g. M3D-Seg's z-scores) must only not be constant."""
-    where = volume.metadata.get("source_path", "volume")
-    if intensity not in INTENSITIES:
-        raise InputError(f"unknown intensity {intensity!r}; choose one of {list(INTENSITIES)}.")
-    if min(volume.array.shape) < 2:
-        raise InputError(f"{where}: shape (K, J, I) {volume.array.shape} is 2D; the model needs a 3D CT volume.")
-    low, high = float(np.min(volume.array)), float(np.max(volume.array))
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise InputError(f"{where}: the volume holds NaN or infinite voxels.")
-    if intensity == "normalized" and high <= low:
-        raise InputError(f"{where}: the volume is constant ({low:g}); there is nothing to see.")
-    if intensity == "hu" and high - low < CT_MIN_RANGE_HU:
-        raise InputError(
-            f"{where}: voxel values span only {low:g}..{high:g}; a CT in Hounsfield units spans at least "
-            f"{CT_MIN_RANGE_HU:g} HU (air about -1000). Is this a CT, and is it in HU? (Already normalised data "
-            "such as M3D-Seg: encode with intensity='normalized'.)"
-        )
 
 
 def _volume_key(volume: Volume, intensity: str) -> str:

@@ -42,6 +42,8 @@ __all__ = [
     "Volume",
     "DEFAULT_MAX_VOXELS",
     "INTENSITIES",
+    "CT_MIN_RANGE_HU",
+    "check_ct",
     "VOLUME_SUFFIXES",
     "read_volume",
     "write_volume",
@@ -54,6 +56,8 @@ __all__ = [
 # How a volume's voxel values are given: "hu" (Hounsfield units) or "normalized" (an affine rescaling of HU, clipped
 # at the extremes at most: M3D-Seg's z-scores, min-max images).
 INTENSITIES = ("hu", "normalized")
+# A CT in Hounsfield units spans air (about -1000) to bone (hundreds); a narrower range rejects images that are not.
+CT_MIN_RANGE_HU = 200.0
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +156,28 @@ class Volume:
         array_ijk = nio.apply_orientation(self.array.transpose(2, 1, 0), transform)
         new_affine = self.ijk_to_ras @ nio.inv_ornt_aff(transform, self.shape_ijk)
         return Volume(np.ascontiguousarray(array_ijk.transpose(2, 1, 0)), new_affine, dict(self.metadata))
+
+
+def check_ct(volume: Volume, intensity: str = "hu") -> None:
+    """Reject what cannot be a CT volume for this model: fewer than 2 voxels along an axis, non-finite
+    voxels, or (``intensity="hu"``) a range too narrow for Hounsfield units; an already normalised volume
+    (``intensity="normalized"``, e.g. M3D-Seg's z-scores) must only not be constant."""
+    where = volume.metadata.get("source_path", "volume")
+    if intensity not in INTENSITIES:
+        raise InputError(f"unknown intensity {intensity!r}; choose one of {list(INTENSITIES)}.")
+    if min(volume.array.shape) < 2:
+        raise InputError(f"{where}: shape (K, J, I) {volume.array.shape} is 2D; the model needs a 3D CT volume.")
+    low, high = float(np.min(volume.array)), float(np.max(volume.array))
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise InputError(f"{where}: the volume holds NaN or infinite voxels.")
+    if intensity == "normalized" and high <= low:
+        raise InputError(f"{where}: the volume is constant ({low:g}); there is nothing to see.")
+    if intensity == "hu" and high - low < CT_MIN_RANGE_HU:
+        raise InputError(
+            f"{where}: voxel values span only {low:g}..{high:g}; a CT in Hounsfield units spans at least "
+            f"{CT_MIN_RANGE_HU:g} HU (air about -1000). Is this a CT, and is it in HU? (Already normalised data "
+            "such as M3D-Seg: encode with intensity='normalized'.)"
+        )
 
 
 def reorient_points(

@@ -101,6 +101,17 @@ def test_a_bad_ct_fails_before_the_model_loads(tmp_path, loads, capsys):
     assert loads == []
 
 
+def test_a_ct_outside_the_hu_range_fails_before_torch_is_imported(tmp_path):
+    """The HU check runs before the engine module (torch, seconds to import) is loaded: here torch cannot be."""
+    ct = read_volume(CT)
+    write_volume(ct.with_array(np.zeros_like(ct.array)), tmp_path / "zeros.nii.gz")
+    code = ("import sys\nsys.modules['torch'] = None\nfrom MedVLSAM2Lib.cli import main\n"
+            "sys.exit(main(['ask', sys.argv[1], 'Is there a lung?', '--preset', 'tiny']))")  # fmt: skip
+    command = [sys.executable, "-c", code, str(tmp_path / "zeros.nii.gz")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Is this a CT" in run.stderr, run.stderr[-2000:]
+
+
 def test_a_prompt_outside_the_ct_fails_before_the_model_loads(loads, capsys):
     assert main(["segment", str(CT), "--point", "500,10,10", "--preset", "tiny"]) == 2
     assert "is outside the volume" in _one_error_line(capsys, "segment")

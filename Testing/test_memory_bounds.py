@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedVLSAM2Lib.engine import _volume_key, check_ct
+from MedVLSAM2Lib.engine import _volume_key
 from MedVLSAM2Lib.errors import TooLargeError
 from MedVLSAM2Lib.serving import protocol
 from MedVLSAM2Lib.serving.protocol import MAGIC, Limits, unpack
-from MedVLSAM2Lib.volume import Volume
+from MedVLSAM2Lib.volume import Volume, check_ct
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_RATIO = 4.0
