@@ -265,7 +265,8 @@ class InferenceEngine:
         self.max_prompt_tokens = max_prompt_tokens
         model.eval().to(self.device)
         for part in (model.vision, model.projector, model.llm, model.seg_projector):
-            part.to(self.dtype)  # SAM2 follows in _features (sam_dtype: bf16 on CUDA only)
+            part.to(self.dtype)
+        model.segmenter.sam.to(sam_dtype(self.device, self.dtype))  # bfloat16 on CUDA only, else float32
         self.fast = fast
         if fast:
             model.merge_lora()  # after the cast: the merged weights are those of the dtype that runs
@@ -387,13 +388,11 @@ class InferenceEngine:
         return entry.sam_image
 
     def _features(self, handle: VolumeHandle, entry: _Encoded, cancel: threading.Event | None = None) -> dict:
-        """SAM2's features of every slice of ``entry``, made on the first segmentation and stored only whole. SAM2's
-        weights take :func:`~MedVLSAM2Lib.model.segmenter.sam_dtype` first (bfloat16 on CUDA for a bfloat16 engine)."""
+        """SAM2's features of every slice of ``entry``, made on the first segmentation and stored only whole."""
         if entry.features is None:
             raise_if_cancelled(cancel, "the segmentation")
             sam_image = self._sam_image(handle, entry)
             raise_if_cancelled(cancel, "the segmentation")
-            self.model.segmenter.sam.to(sam_dtype(self.device, self.dtype))  # a no-op once it has that dtype
             with self._capacity("encoding the slices with SAM2"), torch.inference_mode(), self._autocast():
                 entry.features = self.model.sam_features(sam_image[0])
             self._evict()
